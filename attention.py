@@ -1,0 +1,380 @@
+"""Attention: rotary position embeddings, grouped-query attention (GQA),
+multi-head latent attention (MLA), and the slot KV cache both write into.
+
+Shapes, everywhere in this file:
+    B batch, T new tokens, S cached length (keys), H query heads,
+    Hkv key/value heads, D head dim, C model dim, R MLA latent rank.
+
+* RoPE (Su et al. 2021) in the Hugging Face "rotate-half" layout: a head
+  vector x = [x1, x2] rotates as x*cos + [-x2, x1]*sin with angles
+  pos * inv_freq. Frequencies are computed in fp32 from the position ids of
+  each forward, so dynamic NTK scaling needs no stored table. Scaling types
+  `linear`, `dynamic`, `yarn`, `llama3` follow transformers'
+  modeling_rope_utils.py (v5) formula for formula.
+* GQA (Ainslie et al. 2023): Hkv key/value heads shared by H/Hkv query heads.
+  Options: QK-norm (Qwen3: RMSNorm over D per head, before RoPE), gated
+  attention (Qiu et al. 2025, "Gated Attention for LLMs", the G1 variant:
+  an elementwise sigmoid gate computed from the layer input, applied to the
+  SDPA output before o_proj; the gate rides in q_proj as in Qwen3-Next),
+  and q/k/v bias (Qwen2).
+* MLA (DeepSeek-V2 §2.1, V3): keys and values are compressed into one latent
+  c (R dims) per token plus one RoPE key shared by all heads; the cache holds
+  only those. Training expands c to per-head K/V (`naive`); decoding folds the
+  up-projections into the query and the output (`absorbed`), which turns MLA
+  into multi-query attention over the latent, so per-head K/V never exist.
+
+Both attention kinds call one kernel, `attend`, which has a readable manual
+path (einsum + softmax) beside torch's SDPA; tests check they agree.
+
+Left out: sliding windows, ALiBi, paged KV blocks, flash-attn varlen kernels.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------
+# RMSNorm (here because QK-norm and the MLA latent norm use it too)
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w, computed in fp32 (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# -----------------------------------------------------------------------------
+# Rotary position embeddings
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_frequencies(dim: int, theta: float, scaling: Optional[dict],
+                     max_position_embeddings: int, seq_len: Optional[int] = None):
+    """Inverse frequencies (dim/2,) and the cos/sin multiplier for one rope type.
+
+    default: inv_freq_i = theta^(-2i/dim)
+    linear:  inv_freq / factor                      (positions interpolated)
+    dynamic: theta' = theta * (factor*L/L0 - (factor-1))^(dim/(dim-2)) for L > L0
+    yarn:    per-frequency blend of interpolated and original frequencies with a
+             linear ramp between beta_fast and beta_slow rotations; cos/sin
+             scaled by 0.1*ln(factor)+1 (Peng et al. 2023)
+    llama3:  low frequencies / factor, high frequencies kept, smooth in between
+    """
+    scaling = dict(scaling or {})
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported; use one of {ROPE_TYPES}")
+    inv = lambda base: 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if kind == "default":
+        return inv(theta), 1.0
+    factor = scaling.get("factor")
+    if kind == "linear":
+        return inv(theta) / factor, 1.0
+    if kind == "dynamic":
+        L = max(seq_len or max_position_embeddings, max_position_embeddings)
+        base = theta * ((factor * L / max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+        return inv(base), 1.0
+    original = scaling.get("original_max_position_embeddings") or max_position_embeddings
+    if kind == "llama3":
+        lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        inv_freq = inv(theta)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / lo, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < original / hi) & ~(wavelen > original / lo)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn
+    if factor is None:
+        factor = max_position_embeddings / original
+    attn_factor = scaling.get("attention_factor")
+    if attn_factor is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attn_factor = (_yarn_mscale(factor, m) / _yarn_mscale(factor, m_all)) if (m and m_all) \
+            else _yarn_mscale(factor)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+    # dimension index at which a frequency completes `rot` rotations over `original` tokens
+    corr = lambda rot: dim * math.log(original / (rot * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = corr(beta_fast), corr(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp  # 1 = keep the original frequency
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attn_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """Turns position ids (B, T) into fp32 cos, sin of shape (B, T, dim)."""
+
+    def __init__(self, dim: int, theta: float, scaling: Optional[dict], max_position_embeddings: int):
+        super().__init__()
+        self.dim, self.theta, self.scaling = dim, theta, scaling
+        self.max_position_embeddings = max_position_embeddings
+        self.dynamic = (scaling or {}).get("rope_type", (scaling or {}).get("type")) == "dynamic"
+        inv_freq, self.attention_scaling = rope_frequencies(dim, theta, scaling, max_position_embeddings)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor):
+        inv_freq = self.inv_freq
+        if self.dynamic:
+            # Stateless version of transformers' dynamic update: the scale follows
+            # the longest position in this forward (HF also remembers the largest
+            # length seen so far; we do not keep that hidden state).
+            seq_len = int(positions.max()) + 1
+            if seq_len > self.max_position_embeddings:
+                inv_freq, _ = rope_frequencies(self.dim, self.theta, self.scaling,
+                                               self.max_position_embeddings, seq_len)
+                inv_freq = inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * inv_freq.float()  # (B, T, dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, dim)
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, T, d) rotated by cos/sin (B, T, d); math in the dtype of x like HF."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, d)
+    return x * cos + rotate_half(x) * sin
+
+
+# -----------------------------------------------------------------------------
+# KV cache: a fixed pool of sequence slots
+
+class KVCache:
+    """Per layer, per sequence slot, up to max_len cached positions.
+
+    GQA layers store k, v as (slots, Hkv, max_len, D); MLA layers store the
+    normalised latent (slots, max_len, R) and the rotated shared key
+    (slots, max_len, Dr). A forward writes token t of batch row b at
+    [slots[b], positions[b, t]] and reads positions 0..max(positions) of its
+    rows' slots; which slot holds which request, and how long each is, is
+    the engine's business.
+    """
+
+    def __init__(self, shapes: list, num_slots: int, max_len: int,
+                 device=None, dtype=torch.float32):
+        # shapes[layer] = list of per-token feature shapes, with "T" marking the time axis
+        self.num_slots, self.max_len = num_slots, max_len
+        self.layers = []
+        for layer_shapes in shapes:
+            bufs = []
+            for shape in layer_shapes:
+                full = [num_slots] + [max_len if s == "T" else s for s in shape]
+                bufs.append(torch.zeros(full, device=device, dtype=dtype))
+            self.layers.append(bufs)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for bufs in self.layers for b in bufs)
+
+
+def write_and_read(buf: torch.Tensor, new: torch.Tensor, slots: torch.Tensor,
+                   positions: torch.Tensor, kv_len: int, time_dim: int) -> torch.Tensor:
+    """Scatter `new` into `buf` at (slot, position) and return the rows' first kv_len entries.
+
+    buf (N, ..., Tmax, ...) with time at `time_dim`; new has batch (B) first and
+    time (T) at the same axis as in buf; slots (B,); positions (B, T).
+    Returns the cached prefix for each row: buf[slots] cut to kv_len on time.
+    """
+    assert new.shape[time_dim] == positions.shape[1], (new.shape, positions.shape)
+    index = [slots[:, None]] + [slice(None)] * (time_dim - 1) + [positions]
+    # advanced indices separated by slices put (B, T) first in the indexed view
+    buf[tuple(index)] = new.movedim(time_dim, 1) if time_dim > 1 else new
+    return buf.narrow(time_dim, 0, kv_len).index_select(0, slots)
+
+
+# -----------------------------------------------------------------------------
+# The attention kernel both attention kinds share
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+           q_pos: Optional[torch.Tensor], impl: str = "sdpa") -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v with grouped heads.
+
+    q (B, H, T, Dk), k (B, Hkv, S, Dk), v (B, Hkv, S, Dv) -> (B, H, T, Dv).
+    q_pos (B, T) gives each query's absolute position; key j is visible to a
+    query at position p iff j <= p. q_pos None means T == S from position 0
+    (a training forward): plain causal masking.
+    """
+    B, H, T, _ = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if q_pos is None:
+        mask = None
+        causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    else:
+        key_pos = torch.arange(S, device=q.device)
+        mask = (key_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # (B, 1, T, S)
+    if impl == "sdpa":
+        if H != Hkv:  # expand kv heads to query heads: (B, Hkv, S, D) -> (B, H, S, D)
+            k = k.repeat_interleave(H // Hkv, dim=1)
+            v = v.repeat_interleave(H // Hkv, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              scale=scale)
+    assert impl == "manual", impl
+    # group query heads by their kv head instead of copying k/v: (B, Hkv, G, T, D)
+    qg = q.view(B, Hkv, H // Hkv, T, q.shape[-1])
+    scores = torch.einsum("bkgtd,bksd->bkgts", qg.float(), k.float()) * scale
+    visible = causal if mask is None else mask[:, :, None]  # broadcast to (B, Hkv, G, T, S)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.einsum("bkgts,bksd->bkgtd", probs, v.float())
+    return out.reshape(B, H, T, v.shape[-1]).to(q.dtype)
+
+
+# -----------------------------------------------------------------------------
+# Grouped-query attention
+
+class GQA(nn.Module):
+    """Multi-head attention with Hkv <= H key/value heads.
+
+    Parameter names follow Hugging Face Llama / Qwen2 / Qwen3 so checkpoints
+    load without a mapping: q_proj, k_proj, v_proj, o_proj, q_norm, k_norm.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        C, H, Hkv, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.H, self.Hkv, self.D = H, Hkv, D
+        self.gated, self.impl = cfg.gated_attention, cfg.attn_impl
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        q_out = H * D * (2 if self.gated else 1)  # gated: [query | gate] per head
+        self.q_proj = nn.Linear(C, q_out, bias=qkv_bias)
+        self.k_proj = nn.Linear(C, Hkv * D, bias=qkv_bias)
+        self.v_proj = nn.Linear(C, Hkv * D, bias=qkv_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=cfg.attention_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    @staticmethod
+    def cache_shapes(cfg):
+        return [(cfg.num_key_value_heads, "T", cfg.head_dim)] * 2
+
+    def forward(self, x, cos, sin, positions=None, cache_layer=None, slots=None, kv_len=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, -1)  # (B, T, H, D) or (B, T, H, 2D) gated
+        if self.gated:
+            q, gate = q.chunk(2, dim=-1)  # each (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.Hkv, self.D)
+        v = self.v_proj(x).view(B, T, self.Hkv, self.D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_layer is not None:
+            k = write_and_read(cache_layer[0], k, slots, positions, kv_len, time_dim=2)  # (B, Hkv, S, D)
+            v = write_and_read(cache_layer[1], v, slots, positions, kv_len, time_dim=2)
+        q_pos = positions if cache_layer is not None else None
+        out = attend(q, k, v, 1.0 / math.sqrt(self.D), q_pos, self.impl)  # (B, H, T, D)
+        out = out.transpose(1, 2)  # (B, T, H, D)
+        if self.gated:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+# -----------------------------------------------------------------------------
+# Multi-head latent attention
+
+class MLA(nn.Module):
+    """DeepSeek-V2 multi-head latent attention (parameter names as in HF DeepSeek-V3).
+
+    q      = W_qb · norm(W_qa · x)  (or W_q · x)        -> per head [q_nope (Dn) | q_rope (Dr)]
+    [c|kr] = W_kva · x;  c = norm(c)                     latent c (R), shared key kr (Dr)
+    [k_nope | v] = W_kvb · c                             per head (Dn | Dv)
+    score_h = (q_nope_h · k_nope_h + rope(q_rope_h) · rope(kr)) / sqrt(Dn + Dr)
+
+    Absorbed form, using k_nope_h = W_kb_h c and v_h = W_vb_h c:
+        q_nope_h · k_nope_h = (W_kb_h^T q_nope_h) · c     (query moved into latent space)
+        out_h = W_vb_h (sum_s p_hs c_s)                   (values summed in latent space)
+    so attention runs once over [c | kr] for all heads: multi-query attention
+    with key dim R + Dr and value dim R.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        C, H = cfg.hidden_size, cfg.num_attention_heads
+        self.H, self.R = H, cfg.kv_lora_rank
+        self.Dn, self.Dr, self.Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.impl = cfg.attn_impl
+        self.absorb: Optional[bool] = None  # None: absorbed when decoding with a cache, naive otherwise
+        Dq = self.Dn + self.Dr
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(C, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * Dq, bias=False)
+        else:
+            self.q_proj = nn.Linear(C, H * Dq, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(C, self.R + self.Dr, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.R, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.R, H * (self.Dn + self.Dv), bias=False)
+        self.o_proj = nn.Linear(H * self.Dv, C, bias=False)
+        self.scale = 1.0 / math.sqrt(Dq)
+
+    @staticmethod
+    def cache_shapes(cfg):
+        return [("T", cfg.kv_lora_rank), ("T", cfg.qk_rope_head_dim)]
+
+    def forward(self, x, cos, sin, positions=None, cache_layer=None, slots=None, kv_len=None):
+        B, T, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.H, self.Dn + self.Dr).transpose(1, 2)  # (B, H, T, Dn+Dr)
+        q_nope, q_rope = q.split([self.Dn, self.Dr], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin)
+        c, k_rope = self.kv_a_proj_with_mqa(x).split([self.R, self.Dr], dim=-1)  # (B, T, R), (B, T, Dr)
+        c = self.kv_a_layernorm(c)
+        k_rope = apply_rope(k_rope[:, None], cos, sin)[:, 0]  # one rotated key for all heads: (B, T, Dr)
+        if cache_layer is not None:
+            c = write_and_read(cache_layer[0], c, slots, positions, kv_len, time_dim=1)  # (B, S, R)
+            k_rope = write_and_read(cache_layer[1], k_rope, slots, positions, kv_len, time_dim=1)
+        q_pos = positions if cache_layer is not None else None
+        absorb = self.absorb if self.absorb is not None else cache_layer is not None
+        attn = self._absorbed if absorb else self._naive
+        out = attn(q_nope, q_rope, c, k_rope, q_pos)  # (B, H, T, Dv)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _naive(self, q_nope, q_rope, c, k_rope, q_pos):
+        """Expand the latent to per-head keys and values, then ordinary attention."""
+        B, S = c.shape[0], c.shape[1]
+        kv = self.kv_b_proj(c).view(B, S, self.H, self.Dn + self.Dv).transpose(1, 2)  # (B, H, S, Dn+Dv)
+        k_nope, v = kv.split([self.Dn, self.Dv], dim=-1)
+        k = torch.cat([k_nope, k_rope[:, None].expand(B, self.H, S, self.Dr)], dim=-1)  # (B, H, S, Dn+Dr)
+        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, Dn+Dr)
+        return attend(q, k, v, self.scale, q_pos, self.impl)
+
+    def _absorbed(self, q_nope, q_rope, c, k_rope, q_pos):
+        """Attention in latent space: one shared key/value head of width R (+Dr for the key)."""
+        w = self.kv_b_proj.weight.view(self.H, self.Dn + self.Dv, self.R)
+        w_k, w_v = w[:, :self.Dn], w[:, self.Dn:]  # (H, Dn, R), (H, Dv, R)
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_k)  # (B, H, T, R)
+        q = torch.cat([q_lat, q_rope], dim=-1)  # (B, H, T, R+Dr)
+        k = torch.cat([c, k_rope], dim=-1)[:, None]  # (B, 1, S, R+Dr)
+        out_lat = attend(q, k, c[:, None], self.scale, q_pos, self.impl)  # (B, H, T, R)
+        return torch.einsum("bhtr,hdr->bhtd", out_lat, w_v)  # (B, H, T, Dv)

@@ -1,0 +1,494 @@
+"""The decoder-only Transformer: config, blocks, and Hugging Face-format checkpoints.
+
+    x = embed(ids)
+    for each layer:  x = x + attn(rmsnorm(x));  x = x + mlp(rmsnorm(x))     (pre-norm)
+    logits = lm_head(rmsnorm(x))                                             (head optionally tied)
+    mlp(x) = down(silu(gate(x)) * up(x))                                     (SwiGLU, Shazeer 2020)
+
+Attention (GQA or MLA), RoPE and the KV cache live in attention.py. One
+`forward` serves training (full causal sequences) and inference (new tokens
+written into cache slots at given positions, rows of different lengths in
+one batch).
+
+Checkpoints are Hugging Face model directories: config.json plus
+model.safetensors (or shards with model.safetensors.index.json), parameter
+names as in HF Llama / Qwen2 / Qwen3. A GQA model we save is written as the
+HF architecture that expresses it (llama; qwen2 when q/k/v carry a bias;
+qwen3 with QK-norm) so `transformers` loads it unchanged; MLA and gated
+attention have no HF Llama equivalent and are saved with model_type "astrai".
+
+Left out: mixture-of-experts, sliding-window layers, tensor parallelism.
+
+    python model.py          # print the presets: parameters, KV bytes/token, FLOPs/token
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention import GQA, MLA, KVCache, RMSNorm, RotaryEmbedding, rope_frequencies
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+@dataclass
+class ModelConfig:
+    """Fields are named as in a Hugging Face config.json; the last group is ours."""
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: Optional[int] = None  # None: = num_attention_heads (plain MHA)
+    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # {"rope_type": linear|dynamic|yarn|llama3, "factor": ..., ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # bias on q, k, v and o (Llama / Qwen3 meaning)
+    initializer_range: float = 0.02
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    # ours
+    attention_type: str = "gqa"  # gqa | mla
+    qkv_bias: bool = False  # bias on q, k, v only (Qwen2)
+    qk_norm: bool = False  # RMSNorm on each q and k head before RoPE (Qwen3)
+    gated_attention: bool = False  # sigmoid output gate (Qiu et al. 2025, G1)
+    q_lora_rank: Optional[int] = None  # MLA: None = full-rank query projection
+    kv_lora_rank: int = 0  # MLA latent width R
+    qk_nope_head_dim: int = 0  # MLA per-head key/query dims without RoPE
+    qk_rope_head_dim: int = 0  # MLA shared RoPE key dim
+    v_head_dim: int = 0  # MLA per-head value dim
+    attn_impl: str = field(default="sdpa", metadata={"runtime": True})  # sdpa | manual
+
+    def __post_init__(self):
+        def need(ok, name, msg):
+            if not ok:
+                raise ValueError(f"ModelConfig.{name}: {msg} (got {getattr(self, name)!r})")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "max_position_embeddings"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
+                 "must be a positive integer")
+        need(self.attention_type in ("gqa", "mla"), "attention_type", "must be 'gqa' or 'mla'")
+        need(self.attn_impl in ("sdpa", "manual"), "attn_impl", "must be 'sdpa' or 'manual'")
+        need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
+        need(self.rope_theta > 0, "rope_theta", "must be > 0")
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        need(self.num_key_value_heads > 0 and self.num_attention_heads % self.num_key_value_heads == 0,
+             "num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.head_dim is None:
+            need(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                 f"must be divisible by num_attention_heads={self.num_attention_heads} "
+                 "(or set head_dim explicitly)")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.attention_type == "gqa":
+            need(self.head_dim > 0 and self.head_dim % 2 == 0, "head_dim",
+                 "must be a positive even number (RoPE rotates pairs of dims)")
+        else:
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+                need(self.__dict__[name] > 0, name, "must be > 0 for attention_type='mla'")
+            need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
+                 "must be a positive even number for attention_type='mla'")
+            need(not (self.qk_norm or self.gated_attention or self.attention_bias or self.qkv_bias),
+                 "attention_type", "MLA does not support qk_norm, gated_attention or biases")
+        if self.rope_scaling is not None:
+            self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
+            rope_frequencies(self.rotary_dim, self.rope_theta, self.rope_scaling,
+                             self.max_position_embeddings)  # raises on unknown types
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.qk_rope_head_dim if self.attention_type == "mla" else self.head_dim
+
+    @property
+    def model_type(self) -> str:
+        """The Hugging Face architecture that can load this config, else our own."""
+        if self.attention_type == "mla" or self.gated_attention:
+            return "astrai"
+        if self.qkv_bias and not self.attention_bias and not self.qk_norm:
+            return "qwen2" if self.head_dim * self.num_attention_heads == self.hidden_size else "astrai"
+        if self.qkv_bias:
+            return "astrai"  # q/k/v bias without o bias, plus QK-norm: no HF twin
+        return "qwen3" if self.qk_norm else "llama"
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """Cache bytes one token costs across all layers (bf16 by default)."""
+        if self.attention_type == "mla":
+            per_layer = self.kv_lora_rank + self.qk_rope_head_dim
+        else:
+            per_layer = 2 * self.num_key_value_heads * self.head_dim
+        return self.num_hidden_layers * per_layer * dtype_bytes
+
+
+def normalize_rope_scaling(scaling: dict) -> dict:
+    """Accept transformers 4.x ("type" or "rope_type") and 5.x spellings; return {"rope_type": ..., ...}."""
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be a dict like {{'rope_type': 'linear', 'factor': 2.0}}, "
+                         f"got {scaling!r}")
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    scaling = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta")}
+    scaling["rope_type"] = kind
+    required = {"linear": ["factor"], "dynamic": ["factor"],
+                "llama3": ["factor", "low_freq_factor", "high_freq_factor"], "yarn": []}
+    for key in required.get(kind, []):
+        if key not in scaling:
+            raise ValueError(f"rope_scaling of type {kind!r} needs the key {key!r}")
+    if kind == "yarn" and "factor" not in scaling and "original_max_position_embeddings" not in scaling:
+        raise ValueError("rope_scaling of type 'yarn' needs 'factor' or 'original_max_position_embeddings'")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported")
+    return scaling
+
+
+# Presets: literal instances. Parameter counts are printed by `python model.py`.
+PRESETS = {
+    # a few M parameters: tests and the CPU demo
+    "tiny": ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+    "tiny-mla": ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                            num_attention_heads=4, max_position_embeddings=1024, attention_type="mla",
+                            kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64),
+    # GPT-2 small shape (~124M) for training benchmarks; SwiGLU width 2/3 * 4C keeps the count
+    "gpt2-124m": ModelConfig(vocab_size=50304, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                             num_attention_heads=12, max_position_embeddings=1024),
+    # Qwen2.5-0.5B dimensions for inference benchmarks
+    "qwen2.5-0.5b": ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                rope_theta=1000000.0, max_position_embeddings=32768, qkv_bias=True),
+    # the seed project's 1B shape
+    "1b": ModelConfig(vocab_size=102400, hidden_size=1536, intermediate_size=6912, num_hidden_layers=24,
+                      num_attention_heads=24, num_key_value_heads=4, max_position_embeddings=2048),
+}
+
+
+# -----------------------------------------------------------------------------
+# Blocks
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg) if cfg.attention_type == "mla" else GQA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, positions=None, cache_layer=None, slots=None, kv_len=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache_layer, slots, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Embeddings, blocks and final norm: the `model.` prefix of HF parameter names."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling,
+                                          cfg.max_position_embeddings)
+
+
+# -----------------------------------------------------------------------------
+# Transformer
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._init_weights()
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _init_weights(self):
+        """N(0, 0.02); projections that write into the residual stream get 0.02/sqrt(2L)
+        so the residual's variance does not grow with depth (GPT-2 paper, section 2.3)."""
+        std = self.config.initializer_range
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                residual = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, 0.0,
+                                std / math.sqrt(2 * self.config.num_hidden_layers) if residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+
+    # -- sizes ------------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters; non_embedding drops the input embedding table
+        (and the head when it is a separate matrix)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+            if not self.config.tie_word_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM paper appendix B:
+
+            6 N + 6 L H (Dqk + Dv) T      (= 6N + 12 L H D T when Dqk = Dv = D)
+
+        N counts every weight used in a matmul (blocks plus the output head, not
+        the embedding lookup); the second term is QK^T and AV over a T-token
+        context, whose cost does not show up in N.
+        """
+        cfg = self.config
+        N = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.hidden_size
+        if cfg.attention_type == "mla":
+            d_qk, d_v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+        else:
+            d_qk = d_v = cfg.head_dim
+        return 6 * N + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * (d_qk + d_v) * seq_len
+
+    # -- forward ----------------------------------------------------------------
+
+    def make_cache(self, num_slots: int, max_len: int, device=None, dtype=None) -> KVCache:
+        cfg = self.config
+        kind = MLA if cfg.attention_type == "mla" else GQA
+        p = self.lm_head.weight
+        return KVCache([kind.cache_shapes(cfg)] * cfg.num_hidden_layers, num_slots, max_len,
+                       device=device or p.device, dtype=dtype or p.dtype)
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                      cache: Optional[KVCache] = None, slots: Optional[torch.Tensor] = None):
+        """Final-norm hidden states (B, T, C).
+
+        Training: input_ids (B, T) only; causal over each row from position 0.
+        Inference: also a cache, positions (B, T) of the new tokens and the cache
+        slot of each row (B,). Each row attends to its slot's positions
+        0..its own position, so rows may be at different lengths.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            assert cache is None, "a cached forward needs the positions of the new tokens"
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        kv_len = None
+        if cache is not None:
+            if slots is None:
+                slots = torch.arange(B, device=input_ids.device)
+            kv_len = int(positions.max()) + 1
+            assert kv_len <= cache.max_len, f"position {kv_len - 1} is past the cache length {cache.max_len}"
+        cos, sin = self.model.rotary_emb(positions)
+        x = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            cache_layer = cache.layers[i] if cache is not None else None
+            x = layer(x, cos, sin, positions if cache is not None else None, cache_layer, slots, kv_len)
+        return self.model.norm(x)
+
+    def forward(self, input_ids, positions=None, cache=None, slots=None) -> torch.Tensor:
+        """Logits (B, T, V); see hidden_states for the arguments."""
+        return self.lm_head(self.hidden_states(input_ids, positions, cache, slots))
+
+    # -- checkpoints ------------------------------------------------------------
+
+    def save_pretrained(self, path: str, max_shard_bytes: int = 4 << 30):
+        """Write config.json, generation_config.json and safetensors weights to `path`.
+
+        Weights larger than max_shard_bytes are split into
+        model-0000i-of-0000n.safetensors with an index, as transformers does.
+        Each file is written to a temporary name and renamed into place.
+        """
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight")  # shared with model.embed_tokens.weight
+        shards, size = [{}], 0
+        for name in sorted(state):
+            nbytes = state[name].numel() * state[name].element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = state[name]
+            size += nbytes
+        if len(shards) == 1:
+            names = ["model.safetensors"]
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                     "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+            _write_json(os.path.join(path, "model.safetensors.index.json"), index)
+        for name, shard in zip(names, shards):
+            tmp = os.path.join(path, name + ".tmp")
+            save_file(shard, tmp, metadata={"format": "pt"})
+            os.replace(tmp, os.path.join(path, name))
+        dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        _write_json(os.path.join(path, "config.json"), config_to_hf(self.config, dtype))
+        gen = {k: getattr(self.config, k) for k in ("bos_token_id", "eos_token_id")
+               if getattr(self.config, k) is not None}
+        _write_json(os.path.join(path, "generation_config.json"), gen)
+
+    @classmethod
+    def from_pretrained(cls, path: str, device=None, dtype=None) -> "Transformer":
+        """Load one of our directories or an HF Llama / Qwen2 / Qwen3 one.
+
+        dtype None keeps the checkpoint's dtype (as transformers 5 does).
+        Errors name the offending key: missing, unexpected or wrong-shaped weights.
+        """
+        from safetensors import safe_open
+
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{config_path} not found: expected a model directory with config.json")
+        with open(config_path) as f:
+            cfg = config_from_hf(json.load(f))
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = model.state_dict()
+        tensors = {}
+        for file in _weight_files(path):
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key.endswith("rotary_emb.inv_freq"):
+                        continue  # old HF checkpoints stored this buffer; we recompute it
+                    if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                        continue  # some tied checkpoints store the head anyway
+                    if key not in expected:
+                        raise ValueError(f"{file}: unexpected weight {key!r} for model_type "
+                                         f"{cfg.model_type!r}; is config.json right for these weights?")
+                    t = f.get_tensor(key)
+                    if t.shape != expected[key].shape:
+                        raise ValueError(f"{file}: weight {key!r} has shape {tuple(t.shape)}, "
+                                         f"config.json implies {tuple(expected[key].shape)}")
+                    tensors[key] = t
+        if cfg.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise ValueError(f"{path}: missing weight {missing[0]!r}"
+                             + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        if cfg.tie_word_embeddings:
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+        dtype = dtype or next(iter(tensors.values())).dtype
+        model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()},
+                              strict=True, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.model.rotary_emb = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling,
+                                                 cfg.max_position_embeddings).to(device)
+        return model
+
+
+# -----------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+           "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
+           "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "astrai": "AstrAIForCausalLM"}
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """config.json for cfg, in transformers 4.x spelling (5.x reads it too)."""
+    kind = cfg.model_type
+    out = {"architectures": [ARCHITECTURES[kind]], "model_type": kind, "hidden_act": "silu",
+           "torch_dtype": dtype, "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling}
+    out.update({k: getattr(cfg, k) for k in HF_KEYS})
+    if kind in ("llama", "qwen3"):
+        out["attention_bias"] = cfg.attention_bias
+    if kind == "astrai":  # our loader is the only reader: write every field
+        out.update({f.name: getattr(cfg, f.name) for f in fields(cfg) if not f.metadata.get("runtime")})
+    return out
+
+
+def config_from_hf(d: dict) -> ModelConfig:
+    kind = d.get("model_type")
+    if kind not in ARCHITECTURES:
+        raise ValueError(f"config.json: model_type {kind!r} is not supported; "
+                         f"this code loads {sorted(ARCHITECTURES)}")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (only silu)")
+    for flag in ("mlp_bias", "use_sliding_window"):
+        if d.get(flag):
+            raise ValueError(f"config.json: {flag}=true is not supported")
+    if kind == "astrai":
+        names = {f.name for f in fields(ModelConfig) if not f.metadata.get("runtime")}
+        return ModelConfig(**{k: v for k, v in d.items() if k in names})
+    kw = {k: d[k] for k in HF_KEYS if d.get(k) is not None}
+    for k in ("bos_token_id", "eos_token_id"):  # HF allows a list of eos ids; keep the first
+        if isinstance(kw.get(k), list):
+            kw[k] = kw[k][0]
+    # rope: 4.x has rope_theta + rope_scaling, 5.x has rope_parameters with both inside
+    params = d.get("rope_parameters") or {}
+    kw["rope_theta"] = d.get("rope_theta") or params.get("rope_theta") or 10000.0
+    scaling = d.get("rope_scaling") or params
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        kw["rope_scaling"] = normalize_rope_scaling(scaling)
+    if kind == "qwen2":
+        kw["qkv_bias"] = True
+    else:
+        kw["attention_bias"] = bool(d.get("attention_bias", False))
+    kw["qk_norm"] = kind == "qwen3"
+    kw.setdefault("tie_word_embeddings", False if kind == "llama" else True)
+    return ModelConfig(**kw)
+
+
+def _weight_files(path: str) -> list:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, name) for name in files]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                            "(pickled .bin checkpoints are not read; convert them to safetensors)")
+
+
+def _write_json(path: str, obj: dict):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    import argparse
+    p = argparse.ArgumentParser(description="Print the model presets: parameters, KV-cache bytes per "
+                                "token and training FLOPs per token.")
+    p.add_argument("--seq-len", type=int, default=1024, help="context length for the FLOPs estimate")
+    args = p.parse_args()
+    print(f"{'preset':<14}{'attn':>5}{'params':>10}{'non-emb':>10}{'KV B/tok (bf16)':>17}"
+          f"{'GFLOP/tok @' + str(args.seq_len):>18}")
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):
+            m = Transformer(cfg)
+        print(f"{name:<14}{cfg.attention_type:>5}{m.num_params() / 1e6:>9.1f}M"
+              f"{m.num_params(non_embedding=True) / 1e6:>9.1f}M{cfg.kv_bytes_per_token():>17,}"
+              f"{m.flops_per_token(args.seq_len) / 1e9:>18.3f}")
+
+
+if __name__ == "__main__":
+    main()
