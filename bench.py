@@ -3,6 +3,10 @@
 Each subcommand measures one part of the stack and prints a small table:
 
     python bench.py tokenizer            # BPE training time, encode MB/s vs `tokenizers`
+    python bench.py model --preset tiny  # forward / training tokens/s, vs transformers
+    python bench.py data                 # HDF5 window reads and prepare throughput
+    python bench.py engine               # generation tokens/s at batch 1/8/32, vs transformers generate
+    python bench.py server               # HTTP overhead per request, vs the engine directly
 
 To add a benchmark, write `bench_NAME(args)` and an `add_NAME_args(parser)`,
 and list them in BENCHMARKS at the bottom. Inputs are generated here with
@@ -131,12 +135,284 @@ def bench_tokenizer(args):
 
 
 # -----------------------------------------------------------------------------
+# Model forward / training step
+
+
+def add_model_args(p):
+    p.add_argument("--preset", default="tiny", help="model preset (model.py PRESETS)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--iters", type=int, default=10, help="timed iterations (after 2 warm-up)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on GPU, fp32 on CPU")
+
+
+def _timed(fn, iters, sync):
+    for _ in range(2):
+        fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / iters
+
+
+def bench_model(args):
+    """Forward (inference) and training-step tokens/s for one preset, ours next to
+    transformers' Llama on the same weights when the preset exports to it."""
+    import torch
+    from model import PRESETS, Transformer
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    cfg = PRESETS[args.preset]
+    model = Transformer(cfg).to(device, dtype)
+    B, T = args.batch, args.seq_len
+    ids = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    rows = []
+
+    def infer(m):
+        with torch.inference_mode():
+            m(ids)
+
+    fwd = _timed(lambda: infer(model), args.iters, sync)
+    rows.append(["ours, forward (inference)", f"{B * T / fwd:,.0f}", f"{fwd * 1e3:.1f}"])
+    for impl in ("manual",):
+        for layer in model.model.layers:
+            layer.self_attn.impl = impl
+        t = _timed(lambda: infer(model), args.iters, sync)
+        rows.append([f"ours, forward, {impl} attention", f"{B * T / t:,.0f}", f"{t * 1e3:.1f}"])
+        for layer in model.model.layers:
+            layer.self_attn.impl = "sdpa"
+    if cfg.model_type != "astrai":
+        import transformers
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
+        t = _timed(lambda: infer(hf), args.iters, sync)
+        rows.append([f"transformers {cfg.model_type}, forward", f"{B * T / t:,.0f}", f"{t * 1e3:.1f}"])
+        del hf
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step():
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t = _timed(step, args.iters, sync)
+    tok_s = B * (T - 1) / t
+    rows.append(["ours, training step (fwd+bwd+AdamW)", f"{tok_s:,.0f}", f"{t * 1e3:.1f}"])
+    flops = model.flops_per_token(T) * tok_s
+    print_table(f"{args.preset}: {model.num_params() / 1e6:.1f}M params, batch {B} x {T} tokens, "
+                f"{dtype} on {device} ({torch.get_num_threads()} threads)",
+                ["what", "tokens/s", "ms/iter"], rows)
+    print(f"training: {flops / 1e12:.3f} TFLOP/s achieved (6N + 12LHDT estimate)")
+
+
+# -----------------------------------------------------------------------------
+# engine: generation throughput, ours vs transformers' generate; server overhead
+
+
+def add_engine_args(p):
+    p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64, help="generated per sequence (EOS ignored)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating timed runs per side; the best counts")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def _tiny_model_and_tokenizer(device):
+    """The tiny preset (random weights, seed 0) with a 4096-token BPE trained on generated text."""
+    import torch
+    import tokenizer
+    from model import PRESETS, Transformer
+    tok = tokenizer.train(synthetic_bilingual_text(300_000), PRESETS["tiny"].vocab_size)
+    torch.manual_seed(0)
+    return Transformer(PRESETS["tiny"]).to(device).eval(), tok
+
+
+def bench_engine(args):
+    """Output tokens/s of engine.generate next to transformers' generate on the same weights:
+    greedy, every sequence exactly --new-tokens long, prefill included in the time."""
+    import torch
+    import transformers
+    from engine import InferenceEngine, SamplingParams
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    batches = [int(b) for b in args.batches.split(",")]
+    P, N = args.prompt_len, args.new_tokens
+    model, tok = _tiny_model_and_tokenizer(device)
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).eval()
+    hf.generation_config.eos_token_id = None
+    engine = InferenceEngine(model, tok, max_batch_size=max(batches), max_seq_len=P + N, max_prefill_tokens=2048)
+    params = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
+    rng = random.Random(0)
+    special = tok.special_ids
+
+    def ours(prompts):
+        return [r.token_ids for r in engine.generate(prompts, params)]
+
+    def theirs(prompts):
+        ids = torch.tensor(prompts, device=device)
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
+                              do_sample=False, pad_token_id=0)
+        return out[:, P:].tolist()
+
+    def timed(fn, prompts):
+        sync()
+        t = time.perf_counter()
+        out = fn(prompts)
+        sync()
+        return time.perf_counter() - t, out
+
+    rows = []
+    for B in batches:
+        prompts = [[rng.choice([i for i in range(300, tok.vocab_size) if i not in special]) for _ in range(P)]
+                   for _ in range(B)]
+        timed(ours, prompts[:2]), timed(theirs, prompts[:2])  # warm-up
+        runs = [(timed(ours, prompts), timed(theirs, prompts)) for _ in range(args.repeats)]  # alternate: fair noise
+        (t_ours, out_ours), (t_hf, out_hf) = min(r[0] for r in runs), min(r[1] for r in runs)
+        same = sum(a == b for a, b in zip(out_ours, out_hf))
+        rows.append([B, f"{B * N / t_ours:,.0f}", f"{B * N / t_hf:,.0f}", f"{t_hf / t_ours:.2f}x", f"{same}/{B}"])
+    engine.close()
+    print_table(f"greedy generation, tiny preset ({model.num_params() / 1e6:.1f}M params, fp32, {device}, "
+                f"{torch.get_num_threads()} threads): prompt {P} + {N} new tokens per sequence, best of {args.repeats}",
+                ["batch", "engine tok/s", "transformers tok/s", "engine / transformers", "same tokens"], rows)
+
+
+def add_server_args(p):
+    p.add_argument("--requests", type=int, default=100, help="rounds; each round runs every path once")
+    p.add_argument("--new-tokens", type=int, default=1, help="small, so the model does not drown the overhead")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def bench_server(args):
+    """Latency of one short request, sequentially: engine.submit directly, raw HTTP to
+    /v1/completions on a keep-alive connection, and the openai client (streaming and not)."""
+    import http.client
+    import json
+    import threading
+
+    import torch
+    from openai import OpenAI
+
+    from engine import InferenceEngine, SamplingParams
+    from server import make_server
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tok = _tiny_model_and_tokenizer(device)
+    engine = InferenceEngine(model, tok, max_batch_size=8, max_seq_len=256)
+    server = make_server(engine, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    N, prompt = args.new_tokens, "The quick brown fox"
+    params = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
+    body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": N, "temperature": 0, "ignore_eos": True})
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_port)
+    client = OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="none", max_retries=0)
+    extra = {"model": "m", "prompt": prompt, "max_tokens": N, "temperature": 0, "extra_body": {"ignore_eos": True}}
+
+    def raw_http():
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        return json.loads(conn.getresponse().read())["choices"][0]["text"]
+
+    paths = [("engine.submit(...).result()", lambda: engine.submit(prompt, params).result().text),
+             ("HTTP /v1/completions (http.client, keep-alive)", raw_http),
+             ("openai client, completions", lambda: client.completions.create(**extra).choices[0].text),
+             ("openai client, completions stream",
+              lambda: "".join(c.choices[0].text for c in client.completions.create(stream=True, **extra)))]
+    times, texts = [[] for _ in paths], set()
+    for r in range(args.requests + 3):  # paths interleaved, so machine noise hits all alike; 3 warm-up rounds
+        for k, (_, fn) in enumerate(paths):
+            t = time.perf_counter()
+            texts.add(fn())
+            if r >= 3:
+                times[k].append((time.perf_counter() - t) * 1e3)
+    medians = [sorted(t)[len(t) // 2] for t in times]
+    rows = [[name, f"{ms:.2f}", f"{ms - medians[0]:+.2f}"] for (name, _), ms in zip(paths, medians)]
+    assert len(texts) == 1, f"paths disagree: {texts}"
+    server.shutdown()
+    engine.close()
+    print_table(f"one request ({N} new tokens, greedy), median of {args.requests}, tiny preset on {device}",
+                ["path", "ms/request", "overhead vs engine"], rows)
+
+
+# -----------------------------------------------------------------------------
+# Data: prepare throughput and window reads
+
+
+def add_data_args(p):
+    p.add_argument("--tokens", type=int, default=100_000_000, help="size of the synthetic seq file")
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--reads", type=int, default=20000, help="random windows to read")
+    p.add_argument("--records", type=int, default=20000, help="SFT records to prepare")
+
+
+def bench_data(args):
+    """Window reads (memory-mapped vs h5py) from a big seq file, and prepare throughput."""
+    import numpy as np
+    import data
+    import tokenizer
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "big.h5")
+        w = data.SegmentWriter(path, "seq", 32000, "bench")
+        doc = 100_000
+        for _ in range(args.tokens // doc):
+            w.add(sequence=rng.integers(0, 32000, doc, dtype=np.int64))
+        t = time.perf_counter()
+        w.close()
+        write_s = time.perf_counter() - t
+        size = os.path.getsize(path)
+        ds = data.WindowDataset(path, "seq", args.window)
+        idx = rng.integers(0, len(ds), args.reads)
+        for name, reader in [("memmap (zero-copy)", ds)]:
+            t = time.perf_counter()
+            for i in idx:
+                reader[int(i)]
+            s = time.perf_counter() - t
+            rows.append([f"random windows, {name}", f"{args.reads * args.window / s / 1e6:,.1f}M"])
+        import h5py
+        with h5py.File(path) as f:
+            seq = f["sequence"]
+            t = time.perf_counter()
+            for i in idx[:args.reads // 10]:
+                b = int(ds.begins[0][int(i)])
+                np.asarray(seq[b:b + args.window + 1], dtype=np.int64)
+            s = time.perf_counter() - t
+        rows.append(["random windows, h5py read", f"{args.reads // 10 * args.window / s / 1e6:,.1f}M"])
+        print_table(f"window reads: {args.tokens / 1e6:.0f}M tokens ({size / 1e6:.0f} MB, written in "
+                    f"{write_s:.1f}s), window {args.window}", ["read", "tokens/s"], rows)
+
+        task = data.ArithmeticTask(0)
+        tok = tokenizer.train([r["text"] for r in task.records("seq", 3000)], vocab_size=1024)
+        records = list(enumerate(task.records("sft", args.records), 1))
+        t = time.perf_counter()
+        paths = data.prepare("sft", records, tok, os.path.join(d, "sft.h5"), log=None)
+        s = time.perf_counter() - t
+        n_tok = len(data.WindowDataset(paths[0], "sft", 8).segments[0].arrays["sequence"])
+        print_table("prepare (sft, built-in task, 1024 vocab)", ["records/s", "tokens/s"],
+                    [[f"{args.records / s:,.0f}", f"{n_tok / s:,.0f}"]])
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 # name -> (help, add_arguments, run)
 BENCHMARKS = {
     "tokenizer": ("BPE training time and encode MB/s, tokenizer.py vs tokenizers",
                   add_tokenizer_args, bench_tokenizer),
+    "data": ("HDF5 window-read and prepare throughput", add_data_args, bench_data),
+    "model": ("forward and training-step tokens/s for a preset, vs transformers", add_model_args, bench_model),
+    "engine": ("generation tokens/s at several batch sizes, engine vs transformers' generate",
+               add_engine_args, bench_engine),
+    "server": ("per-request latency: engine direct vs HTTP vs openai client", add_server_args, bench_server),
 }
 
 

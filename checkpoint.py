@@ -1,0 +1,360 @@
+"""Training checkpoints: atomic save and exact resume of a run, in safetensors + JSON (never pickle).
+
+    runs/NAME/
+      latest                  "step_000123\\n": the newest complete checkpoint
+      step_000123/
+        config.json, model.safetensors, generation_config.json   a model directory (save_pretrained)
+        tokenizer.json, tokenizer_config.json                    when a tokenizer is passed
+        optimizer.safetensors   optimizer.state_dict() tensors, keyed "state.{param index}.{name}"
+        rng.safetensors         torch CPU / CUDA generator states; Python and NumPy Mersenne Twister words
+        trainer_state.json      format_version, step, run config, sampler position, metrics, the rest of
+                                the optimizer state, scheduler state, RNG scalars, and the size and
+                                sha256 of every other file (checked on load: truncation is an error)
+
+A checkpoint appears atomically: it is written into .tmp_step_000123_<pid>, every file and the directory
+are fsynced, the directory is renamed to step_000123 (swapped in atomically if that name exists), and
+only then does `latest` move (temp file, fsync, os.replace). Whenever the process dies, `latest` names a
+complete checkpoint; what is left over has a .tmp_ name, and the next save deletes it.
+
+Left out: sharded optimizer state (FSDP / ZeRO: here rank 0 writes the whole state); per-rank RNG (all
+ranks resume with rank 0's generators); asynchronous saving; more than one writer per run directory.
+"""
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+STATE_FILE = "trainer_state.json"
+STEP_DIR = re.compile(r"step_(\d+)$")
+TEMP_PREFIX = ".tmp_"  # in a run directory, anything named .tmp_* is a leftover once a save has ended
+CORRUPT_HINT = "delete this checkpoint and resume from an older step_* (write its name into `latest`)"
+
+
+# -----------------------------------------------------------------------------
+# JSON: state_dict values without pickle
+
+def _to_json(obj, where: str):
+    """obj checked to be plain JSON, with tuples tagged {"__tuple__": [...]} so that AdamW's betas come
+    back as a tuple. Anything else (a tensor, a NumPy int, a function) is an error naming where it is."""
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_to_json(v, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_to_json(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        for k in obj:
+            if not isinstance(k, str):
+                raise TypeError(f"{where}: key {k!r} is not a string (JSON would silently make it one)")
+        return {k: _to_json(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"{where}: {type(obj).__name__} value {obj!r:.80} cannot be saved as JSON; convert "
+                    "it to a number, string, list or dict (checkpoints never use pickle)")
+
+
+def _read_json(file: str):
+    def untag(d):
+        return tuple(d["__tuple__"]) if d.keys() == {"__tuple__"} else d
+
+    try:
+        with open(file) as f:
+            return json.load(f, object_hook=untag)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e}); the checkpoint is corrupted: {CORRUPT_HINT}") from e
+
+
+# -----------------------------------------------------------------------------
+# Optimizer and RNG state <-> (tensors for safetensors, the rest for JSON)
+
+def _split_optimizer(sd: dict):
+    """{"state": {0: {"step": t, "exp_avg": t}}, "param_groups": [...]} -> tensors {"state.0.step": t,
+    "state.0.exp_avg": t} and JSON {"state": {"0": {<non-tensor values>}}, "param_groups": [...]}"""
+    tensors, rest = {}, {}
+    for i, entry in sd["state"].items():
+        assert isinstance(i, int), f"optimizer state is keyed by {i!r}; expected parameter indices"
+        rest[str(i)] = {}
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{i}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                rest[str(i)][name] = value
+    return tensors, _to_json({"state": rest, "param_groups": sd["param_groups"]}, "optimizer.state_dict()")
+
+
+def _join_optimizer(tensors: dict, rest: dict) -> dict:
+    state = {int(i): dict(entry) for i, entry in rest["state"].items()}
+    for key, t in tensors.items():
+        _, i, name = key.split(".", 2)
+        state[int(i)][name] = t
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def _get_rng():
+    """Generator states: the bulk (Mersenne Twister words, torch byte states) as tensors, scalars as JSON."""
+    py_version, py_words, py_gauss = random.getstate()  # 624 words + position, all < 2**32
+    np_kind, np_words, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors = {"python": torch.tensor(py_words, dtype=torch.int64),
+               "numpy": torch.from_numpy(np_words.astype(np.int64)), "torch.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"torch.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    scalars = {"python": [py_version, py_gauss], "numpy": [np_kind, np_pos, np_has_gauss, np_gauss]}
+    return tensors, _to_json(scalars, "RNG state")
+
+
+def _set_rng(tensors: dict, scalars: dict):
+    py_version, py_gauss = scalars["python"]
+    random.setstate((py_version, tuple(tensors["python"].tolist()), py_gauss))
+    np_kind, np_pos, np_has_gauss, np_gauss = scalars["numpy"]
+    np.random.set_state((np_kind, tensors["numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(tensors["torch.cpu"])
+    if torch.cuda.is_available():  # a run saved without CUDA keeps the fresh CUDA seeds
+        for i in range(torch.cuda.device_count()):
+            if f"torch.cuda.{i}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"torch.cuda.{i}"], i)
+
+
+# -----------------------------------------------------------------------------
+# Files: durability, integrity, atomic renames
+
+def _sha256(file: str) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: str):
+    """Flush a file's data, or a directory's entries (so renames survive a power cut), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(src: str, dst: str):
+    """Rename directory src to dst. An existing dst (a step saved again, perhaps the one `latest` names)
+    is exchanged with src in one step, Linux renameat2(RENAME_EXCHANGE), so dst never goes missing; the
+    old copy, now at src, is then deleted."""
+    if not os.path.exists(dst):
+        os.rename(src, dst)
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        AT_FDCWD, RENAME_EXCHANGE = -100, 2
+        if libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_EXCHANGE) != 0:
+            raise OSError(ctypes.get_errno(), "renameat2")
+    except (AttributeError, OSError, TypeError):
+        # No atomic exchange (not Linux, or a file system without it): a crash between these two renames
+        # leaves dst missing and its old content under a .tmp_ name.
+        os.rename(dst, src + ".old")
+        os.rename(src, dst)
+        src += ".old"
+    shutil.rmtree(src)
+
+
+def _write_synced(file: str, text: str):
+    with open(file, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_latest(run_dir: str, name: str):
+    tmp = os.path.join(run_dir, f"{TEMP_PREFIX}latest_{os.getpid()}")
+    _write_synced(tmp, name + "\n")
+    os.replace(tmp, os.path.join(run_dir, "latest"))
+    _fsync(run_dir)
+
+
+def _prune(run_dir: str, keep_last, keep: str):
+    """Delete all but the keep_last highest-numbered step_* directories, never `keep` (what latest names),
+    and the .tmp_* leftovers of crashed saves. A checkpoint gets a .tmp_ name before it is deleted, so a
+    crash mid-delete never leaves a half-empty step_* directory behind."""
+    steps = sorted((int(m.group(1)), e) for e in os.listdir(run_dir)
+                   if (m := STEP_DIR.match(e)) and os.path.isdir(os.path.join(run_dir, e)))
+    old = [] if keep_last is None else [e for _, e in steps[:max(len(steps) - keep_last, 0)] if e != keep]
+    for e in old:
+        os.rename(os.path.join(run_dir, e), os.path.join(run_dir, f"{TEMP_PREFIX}delete_{e}_{os.getpid()}"))
+    for e in os.listdir(run_dir):
+        if e.startswith(TEMP_PREFIX):
+            path = os.path.join(run_dir, e)
+            (shutil.rmtree if os.path.isdir(path) else os.remove)(path)
+
+
+def _unwrap(model):
+    """DDP keeps the model in .module and torch.compile in ._orig_mod; checkpoints hold the bare model."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+# -----------------------------------------------------------------------------
+# Save
+
+def save(run_dir, step, model, optimizer=None, scheduler=None, sampler_state=None, config=None,
+         tokenizer=None, metrics=None, keep_last=3) -> str:
+    """Write run_dir/step_{step:06d} atomically, point `latest` at it, keep the newest keep_last (None:
+    all); return its path. Call it on every rank: under torch.distributed rank 0 writes while the others
+    wait at a barrier."""
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None (keep every checkpoint), got {keep_last!r}")
+    name = f"step_{step:06d}"
+    dist = torch.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+        else (0, 1)
+    try:
+        if rank == 0:
+            state = {"format_version": FORMAT_VERSION, "step": step, "config": _to_json(config, "config"),
+                     "sampler_state": _to_json(sampler_state, "sampler_state"),
+                     "metrics": _to_json(metrics, "metrics")}
+            tmp = _write_temp(run_dir, name, state, _unwrap(model), optimizer, scheduler, tokenizer)
+            _replace_dir(tmp, os.path.join(run_dir, name))
+            _fsync(run_dir)
+            _write_latest(run_dir, name)
+            _prune(run_dir, keep_last, keep=name)
+    finally:
+        if world > 1:  # also when rank 0 failed, so that the others do not wait forever
+            dist.barrier()
+    return os.path.join(run_dir, name)
+
+
+def _write_temp(run_dir, name, state, model, optimizer, scheduler, tokenizer) -> str:
+    """Write and fsync the whole checkpoint into a temporary directory; return its path."""
+    opt_tensors = None  # state_dicts go to JSON first: a value JSON cannot hold fails before any write
+    if optimizer is not None:
+        opt_tensors, state["optimizer"] = _split_optimizer(optimizer.state_dict())
+    if scheduler is not None:
+        state["scheduler"] = _to_json(scheduler.state_dict(), "scheduler.state_dict()")
+    rng_tensors, state["rng"] = _get_rng()
+
+    tmp = os.path.join(run_dir, f"{TEMP_PREFIX}{name}_{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    if opt_tensors is not None:
+        save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
+    save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
+    state["files"] = {}
+    for f in sorted(os.listdir(tmp)):
+        path = os.path.join(tmp, f)
+        assert os.path.isfile(path), f"{path}: a checkpoint is flat, but something wrote a directory"
+        _fsync(path)
+        state["files"][f] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    # written last: its presence marks a complete checkpoint
+    _write_synced(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1) + "\n")
+    _fsync(tmp)
+    return tmp
+
+
+# -----------------------------------------------------------------------------
+# Load
+
+def latest(run_dir) -> "str | None":
+    """The checkpoint directory run_dir/latest names, or None before the first save."""
+    try:
+        with open(os.path.join(run_dir, "latest")) as f:
+            name = f.read().strip()
+    except FileNotFoundError:
+        return None
+    if not STEP_DIR.match(name):
+        raise ValueError(f"{run_dir}/latest holds {name!r}, not a step_NNNNNN name; write the name of a "
+                         "complete checkpoint directory into it, or delete it to start afresh")
+    return os.path.join(run_dir, name)
+
+
+def _read_state(path: str) -> dict:
+    """trainer_state.json of checkpoint `path` (or of the one run directory `path` names in `latest`),
+    after checking its format version and the size and sha256 of every file it lists."""
+    file = os.path.join(path, STATE_FILE)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
+    if not os.path.isfile(file) and not STEP_DIR.match(os.path.basename(os.path.normpath(path))):
+        if os.path.isfile(os.path.join(path, "latest")):
+            return _read_state(latest(path))
+        raise FileNotFoundError(f"{path}: no checkpoint here (no `latest` file, no {STATE_FILE})")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file} not found: {path} is not a complete checkpoint; {CORRUPT_HINT}")
+    state = _read_json(file)
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(f"{file}: format_version {version!r} is not one this code reads "
+                         f"(1..{FORMAT_VERSION}); it was written by a newer AstrAI (update checkpoint.py) "
+                         "or is not a trainer state")
+    for name, want in state["files"].items():
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{f} is missing from the checkpoint; {CORRUPT_HINT}")
+        if os.path.getsize(f) != want["bytes"]:
+            raise ValueError(f"{f} has {os.path.getsize(f)} bytes where {STATE_FILE} recorded "
+                             f"{want['bytes']} (truncated or overwritten); {CORRUPT_HINT}")
+        if _sha256(f) != want["sha256"]:
+            raise ValueError(f"{f}: sha256 differs from the one in {STATE_FILE} (corrupted); {CORRUPT_HINT}")
+    state["path"] = path
+    return state
+
+
+def _load_model(state: dict, model, device: str):
+    """Copy the weights into model's own parameters, so an optimizer built on them stays valid."""
+    tensors = {}
+    for name in state["files"]:
+        if name.startswith("model") and name.endswith(".safetensors"):  # one file or HF-style shards
+            tensors.update(load_file(os.path.join(state["path"], name), device=device))
+    expected = model.state_dict()
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if tied:
+        expected.pop("lm_head.weight", None)  # save_pretrained stores a tied head once, as the embedding
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{state['path']}: weights do not fit the model (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}); was it saved with another config? compare its config.json")
+    for k, t in tensors.items():
+        if t.shape != expected[k].shape:
+            raise ValueError(f"{state['path']}: weight {k!r} has shape {tuple(t.shape)} but the model's is "
+                             f"{tuple(expected[k].shape)}; compare its config.json with the model config")
+    if tied:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    model.load_state_dict(tensors, strict=True)
+
+
+def load(path, model=None, optimizer=None, scheduler=None, restore_rng=True, map_location="cpu") -> dict:
+    """Restore a checkpoint directory, or the one a run directory's `latest` names, into the objects
+    given; return {"step", "sampler_state", "config", "metrics", "path"}."""
+    state = _read_state(str(path))
+    path, device = state["path"], str(map_location)
+    if model is not None:
+        _load_model(state, _unwrap(model), device)
+    for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
+        if obj is None:
+            continue
+        if key not in state:
+            raise ValueError(f"{path} was saved without {key} state; pass {key}=None to load without it")
+        saved = state[key]
+        if key == "optimizer":
+            tensors = load_file(os.path.join(path, "optimizer.safetensors"), device=device)
+            saved = _join_optimizer(tensors, saved)
+        try:
+            obj.load_state_dict(saved)
+        except (ValueError, KeyError, RuntimeError, TypeError) as e:
+            raise ValueError(f"{path}: the saved {key} state does not fit this {type(obj).__name__} ({e}); "
+                             "build it as the run that saved it did (same parameter groups)") from e
+    if restore_rng:
+        _set_rng(load_file(os.path.join(path, "rng.safetensors")), state["rng"])
+    return {k: state[k] for k in ("step", "sampler_state", "config", "metrics", "path")}

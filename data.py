@@ -1,0 +1,551 @@
+"""Data: HDF5 token storage, datasets for each training stage, a resumable
+distributed sampler, and the built-in bilingual arithmetic task.
+
+Storage. One .h5 file is one segment; a folder of them is one dataset.
+Token arrays are flat 1-D integer datasets, stored contiguous and
+uncompressed so reads memory-map them with NumPy at the dataset's file
+offset (zero-copy); files written elsewhere with chunking or compression
+are read through h5py instead. Record boundaries live in `*offsets`
+datasets (n_records + 1 entries, offsets[i]..offsets[i+1] is record i).
+
+    kind  datasets
+    seq   sequence, offsets                       documents, each ending in <|endoftext|>
+    sft   sequence, loss_mask, offsets            ChatML conversations; mask = assistant tokens
+    dpo   chosen, chosen_mask, chosen_offsets,    prompt + response; mask = response tokens
+          rejected, rejected_mask, rejected_offsets
+    grpo  prompt, prompt_offsets, answer          prompt ids (ending in the assistant header)
+                                                  and reference answer strings
+
+File attributes: kind, format_version, vocab_size, tokenizer (fingerprint).
+
+Windows (seq, sft), as the seed project defines them: window i covers
+    begin_i = min(i * stride, total - 1 - window),  end_i = begin_i + window
+with targets the same span shifted by one; count = ceil((total-1-window)/stride) + 1.
+Windows stay inside one segment.
+
+    python data.py prepare --kind sft --input chats.jsonl --tokenizer runs/demo/tokenizer --out sft.h5
+    python data.py task --out data/task     # the built-in task as JSONL, one file per stage
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+KINDS = {
+    "seq": ("sequence",),
+    "sft": ("sequence", "loss_mask"),
+    "dpo": ("chosen", "chosen_mask", "rejected", "rejected_mask"),
+    "grpo": ("prompt",),
+}
+
+
+# -----------------------------------------------------------------------------
+# Writing
+
+def _token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.int32
+
+
+class SegmentWriter:
+    """Accumulates records of one kind and writes one .h5 file, atomically.
+
+    Arrays are held in memory until `close`, then written contiguous; the file
+    appears under its final name only when complete (temp name + rename).
+    """
+
+    def __init__(self, path: str, kind: str, vocab_size: int, fingerprint: str):
+        assert kind in KINDS, kind
+        self.path, self.kind = path, kind
+        self.vocab_size, self.fingerprint = vocab_size, fingerprint
+        self.arrays = {name: [] for name in KINDS[kind]}
+        self.answers = []
+        self.num_tokens = 0
+
+    def add(self, **record):
+        """record: for each of KINDS[kind] a list of ints, plus `answer` (str) for grpo."""
+        for name in KINDS[self.kind]:
+            self.arrays[name].append(np.asarray(record[name], dtype=np.int64))
+        if self.kind == "grpo":
+            self.answers.append(record["answer"])
+        self.num_tokens += len(record[KINDS[self.kind][0]])
+
+    def close(self):
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        dtype = _token_dtype(self.vocab_size)
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs.update(kind=self.kind, format_version=FORMAT_VERSION,
+                               vocab_size=self.vocab_size, tokenizer=self.fingerprint)
+                for name, parts in self.arrays.items():
+                    flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+                    is_mask = name.endswith("mask")
+                    f.create_dataset(name, data=flat.astype(np.uint8 if is_mask else dtype))
+                    if not is_mask:
+                        key = "offsets" if self.kind in ("seq", "sft") else f"{name}_offsets"
+                        lengths = [len(p) for p in parts]
+                        f.create_dataset(key, data=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+                if self.kind == "grpo":
+                    f.create_dataset("answer", data=self.answers, dtype=h5py.string_dtype())
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+
+# -----------------------------------------------------------------------------
+# Turning JSONL records into token records
+
+def _prompt_messages(rec: dict, lineno: int) -> list:
+    if "messages" in rec:
+        return rec["messages"]
+    if isinstance(rec.get("prompt"), str):
+        return [{"role": "user", "content": rec["prompt"]}]
+    raise ValueError(f"line {lineno}: needs \"prompt\" (a string) or \"messages\" (a list)")
+
+
+def _field(rec: dict, key: str, lineno: int) -> str:
+    value = rec.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"line {lineno}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def tokenize_record(tok, kind: str, rec: dict, lineno: int = 0) -> dict:
+    """One JSONL record -> token arrays for a SegmentWriter (see the module docstring)."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"line {lineno}: expected a JSON object, got {type(rec).__name__}")
+    try:
+        if kind == "seq":
+            return {"sequence": tok.encode(_field(rec, "text", lineno)) + [tok.eos_id]}
+        if kind == "sft":
+            if not isinstance(rec.get("messages"), list):
+                raise ValueError(f"line {lineno}: sft records need \"messages\": a list of "
+                                 "{\"role\", \"content\"} objects")
+            ids, mask = tok.apply_chat_template(rec["messages"])
+            return {"sequence": ids, "loss_mask": mask}
+        prompt, _ = tok.apply_chat_template(_prompt_messages(rec, lineno), add_generation_prompt=True)
+        if kind == "grpo":
+            return {"prompt": prompt, "answer": _field(rec, "answer", lineno)}
+        out = {}
+        for side in ("chosen", "rejected"):
+            response = tok.encode(_field(rec, side, lineno)) + [tok.im_end_id]
+            out[side] = prompt + response
+            out[f"{side}_mask"] = [0] * len(prompt) + [1] * len(response)
+        return out
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if msg.startswith("line ") else f"line {lineno}: {msg}") from None
+
+
+def _read_records(path: str):
+    """Yield (line number, record) from .jsonl, or one {"text": ...} per blank-line-separated .txt document."""
+    with open(path, encoding="utf-8") as f:
+        if not path.endswith(".jsonl"):
+            for i, doc in enumerate(f.read().split("\n\n")):
+                if doc.strip():
+                    yield i + 1, {"text": doc}
+            return
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
+
+
+def prepare(kind: str, records, tok, out: str, shard_tokens: int = 0, log=sys.stderr) -> list:
+    """Tokenize (lineno, record) pairs into `out` (.h5 file, or a folder of shards).
+
+    Nothing appears under `out` unless every record converts: shards are written
+    to temporary names first and renamed together at the end.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"--kind must be one of {sorted(KINDS)}, got {kind!r}")
+    sharded = shard_tokens > 0
+    tmp_dir = out + f".partial{os.getpid()}" if sharded else None
+    paths, writer, start, n = [], None, time.time(), 0
+
+    def new_writer():
+        name = os.path.join(tmp_dir, f"part-{len(paths):05d}.h5") if sharded else out
+        paths.append(name)
+        return SegmentWriter(name, kind, tok.vocab_size, tok.fingerprint)
+
+    if sharded:
+        os.makedirs(tmp_dir, exist_ok=True)
+    try:
+        writer = new_writer()
+        for lineno, rec in records:
+            writer.add(**tokenize_record(tok, kind, rec, lineno))
+            n += 1
+            if sharded and writer.num_tokens >= shard_tokens:
+                writer.close()
+                writer = new_writer()
+            if log and n % 10000 == 0:
+                print(f"prepare: {n:,} records, {time.time() - start:.0f}s", file=log, flush=True)
+        writer.close()
+        if sharded:
+            os.makedirs(out, exist_ok=True)
+            final = []
+            for p in paths:
+                final.append(os.path.join(out, os.path.basename(p)))
+                os.replace(p, final[-1])
+            os.rmdir(tmp_dir)
+            paths = final
+    except BaseException:
+        if sharded:
+            for p in Path(tmp_dir).glob("*"):
+                p.unlink()
+            os.rmdir(tmp_dir)
+        raise
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# Reading
+
+def _array(ds):
+    """A NumPy memmap of a contiguous dataset (zero-copy); else the h5py dataset (reads on slicing)."""
+    offset = ds.id.get_offset()
+    if ds.chunks is None and ds.compression is None and offset is not None:
+        return np.memmap(ds.file.filename, dtype=ds.dtype, mode="r", offset=offset, shape=ds.shape)
+    return ds
+
+
+class Segment:
+    """One .h5 file, its arrays memory-mapped where possible."""
+
+    def __init__(self, path: str, kind: str, fingerprint=None):
+        self.path = path
+        self.file = h5py.File(path, "r")
+        attrs = self.file.attrs
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: format_version {attrs.get('format_version')} is not "
+                             f"{FORMAT_VERSION}; re-run `python data.py prepare`")
+        if attrs.get("kind") != kind:
+            raise ValueError(f"{path} holds {attrs.get('kind')!r} data but this stage needs {kind!r}; "
+                             f"prepare it with `python data.py prepare --kind {kind}`")
+        if fingerprint is not None and attrs.get("tokenizer") != fingerprint:
+            raise ValueError(f"{path} was tokenized with a different tokenizer than the model's; "
+                             "re-run `python data.py prepare` with the model's tokenizer")
+        self.vocab_size = int(attrs["vocab_size"])
+        self.arrays = {name: _array(ds) for name, ds in self.file.items() if name != "answer"}
+        self.answers = [a.decode() if isinstance(a, bytes) else a for a in self.file["answer"][:]] \
+            if "answer" in self.file else None
+
+
+def open_segments(path: str, kind: str, fingerprint=None) -> list:
+    """A .h5 file or a folder of them (sorted by name) -> Segments."""
+    p = Path(path)
+    files = sorted(p.glob("*.h5")) if p.is_dir() else [p]
+    if not files or not files[0].exists():
+        raise FileNotFoundError(f"no .h5 data at {path}; create it with `python data.py prepare`")
+    return [Segment(str(f), kind, fingerprint) for f in files]
+
+
+def window_begins(total: int, window: int, stride: int) -> np.ndarray:
+    """Start of each window over `total` tokens; [] if the text is shorter than one window."""
+    if total - 1 < window:
+        return np.zeros(0, dtype=np.int64)
+    count = math.ceil((total - 1 - window) / stride) + 1
+    return np.minimum(np.arange(count, dtype=np.int64) * stride, total - 1 - window)
+
+
+class _Indexed:
+    """Global index over per-segment counts: i -> (segment, local index)."""
+
+    def _build_index(self, counts):
+        self.cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def __len__(self):
+        return int(self.cum[-1])
+
+    def locate(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} samples")
+        seg = int(np.searchsorted(self.cum, i, side="right") - 1)
+        return seg, i - int(self.cum[seg])
+
+
+class WindowDataset(_Indexed):
+    """seq / sft: sample i = (input, target[, target loss mask]) windows of `window` tokens."""
+
+    def __init__(self, path: str, kind: str, window: int, stride=None, fingerprint=None):
+        assert kind in ("seq", "sft"), kind
+        self.kind, self.window, self.stride = kind, window, stride or window
+        self.segments = open_segments(path, kind, fingerprint)
+        self.begins = [window_begins(len(s.arrays["sequence"]), window, self.stride) for s in self.segments]
+        self._build_index([len(b) for b in self.begins])
+        if len(self) == 0:
+            raise ValueError(f"{path}: no text longer than one window of {window} tokens; "
+                             "use a shorter --seq-len or more data")
+
+    def __getitem__(self, i: int) -> dict:
+        seg, j = self.locate(i)
+        arrays, b = self.segments[seg].arrays, int(self.begins[seg][j])
+        span = np.asarray(arrays["sequence"][b:b + self.window + 1], dtype=np.int64)
+        out = {"input_ids": torch.from_numpy(span[:-1]), "labels": torch.from_numpy(span[1:])}
+        if self.kind == "sft":
+            mask = np.asarray(arrays["loss_mask"][b + 1:b + self.window + 1], dtype=bool)
+            out["loss_mask"] = torch.from_numpy(mask)
+        return out
+
+
+class RecordDataset(_Indexed):
+    """dpo / grpo: sample i = one record, cut to its last max_len tokens."""
+
+    def __init__(self, path: str, kind: str, max_len: int, fingerprint=None):
+        assert kind in ("dpo", "grpo"), kind
+        self.kind, self.max_len = kind, max_len
+        self.segments = open_segments(path, kind, fingerprint)
+        first = "chosen_offsets" if kind == "dpo" else "prompt_offsets"
+        self._build_index([len(s.arrays[first]) - 1 for s in self.segments])
+
+    def _span(self, arrays, name, j):
+        """Start and length of record j of `name`, cut to its last max_len tokens.
+
+        The end holds what the record is for (the response of a DPO pair, the
+        assistant header a GRPO completion follows), so a long prompt loses its start.
+        """
+        off = arrays[f"{name}_offsets"]
+        a, b = int(off[j]), int(off[j + 1])
+        return max(a, b - self.max_len), min(b - a, self.max_len)
+
+    def __getitem__(self, i: int) -> dict:
+        seg, j = self.locate(i)
+        s = self.segments[seg]
+        names = ["prompt"] if self.kind == "grpo" else ["chosen", "rejected"]
+        out = {}
+        for name in names:
+            a, n = self._span(s.arrays, name, j)
+            out[name] = np.asarray(s.arrays[name][a:a + n], dtype=np.int64)
+            if self.kind == "dpo":
+                out[f"{name}_mask"] = np.asarray(s.arrays[f"{name}_mask"][a:a + n], dtype=bool)
+        if self.kind == "grpo":
+            out = {"prompt": out["prompt"].tolist(), "answer": s.answers[j]}
+        return out
+
+
+def collate_windows(samples: list) -> dict:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def collate_dpo(samples: list, pad_id: int = 0) -> dict:
+    """Right-pad chosen and rejected to one length T; masks are 0 on prompt and padding.
+
+    Returns input_ids (2B, T) = chosen rows then rejected rows (one concatenated
+    forward), response_mask (2B, T) aligned with input_ids.
+    """
+    rows = [s["chosen"] for s in samples] + [s["rejected"] for s in samples]
+    masks = [s["chosen_mask"] for s in samples] + [s["rejected_mask"] for s in samples]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        ids[i, :len(r)] = torch.from_numpy(r)
+        mask[i, :len(m)] = torch.from_numpy(m)
+    return {"input_ids": ids, "response_mask": mask}
+
+
+def collate_grpo(samples: list) -> dict:
+    """Prompts stay lists of ids (the engine takes them as they are) plus their answers."""
+    return {"prompts": [s["prompt"] for s in samples], "answers": [s["answer"] for s in samples]}
+
+
+def load_dataset(path: str, kind: str, seq_len: int, fingerprint=None):
+    if kind in ("seq", "sft"):
+        return WindowDataset(path, kind, seq_len, fingerprint=fingerprint)
+    if kind in ("dpo", "grpo", "rm"):
+        return RecordDataset(path, "dpo" if kind == "rm" else kind, seq_len, fingerprint)
+    raise ValueError(f"unknown data kind {kind!r}; use one of {sorted(KINDS)}")
+
+
+# -----------------------------------------------------------------------------
+# Sampler
+
+class DistributedSampler:
+    """An endless stream of sample indices for one rank, reshuffled each epoch.
+
+    Epoch e uses the permutation seeded by (seed, e); rank r takes every
+    world_size-th index of it, starting at r, after dropping the tail that
+    does not divide evenly (so all ranks take the same number of steps).
+    The stream's state is one number, how many samples this rank has
+    consumed, so resuming at sample k continues exactly where it stopped.
+    """
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True):
+        assert 0 <= rank < world_size, (rank, world_size)
+        self.per_rank = num_samples // world_size
+        if self.per_rank == 0:
+            raise ValueError(f"{num_samples} samples cannot be shared by {world_size} ranks; "
+                             "add data or use fewer processes")
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        else:
+            order = np.arange(self.num_samples)
+        return order[:self.per_rank * self.world_size][self.rank::self.world_size]
+
+    def iterate(self, start: int = 0):
+        """Yield this rank's indices from its `start`-th sample on, forever."""
+        epoch, offset = divmod(start, self.per_rank)
+        while True:
+            yield from (int(i) for i in self.epoch_indices(epoch)[offset:])
+            epoch, offset = epoch + 1, 0
+
+
+# -----------------------------------------------------------------------------
+# The built-in task: bilingual arithmetic word problems
+
+EN_TEMPLATES = {
+    "+": ["{name} has {a} {item}s and gets {b} more. How many {item}s does {name} have now?",
+          "What is {a} plus {b}?"],
+    "-": ["{name} has {a} {item}s and gives away {b}. How many {item}s are left?",
+          "What is {a} minus {b}?"],
+    "*": ["{name} buys {a} boxes with {b} {item}s in each. How many {item}s is that?",
+          "What is {a} times {b}?"],
+}
+ZH_TEMPLATES = {
+    "+": ["{name}有{a}个{item}，又得到{b}个。{name}现在有多少个{item}？", "{a}加{b}等于多少？"],
+    "-": ["{name}有{a}个{item}，送出了{b}个。还剩多少个{item}？", "{a}减{b}等于多少？"],
+    "*": ["{name}买了{a}盒{item}，每盒{b}个。一共有多少个{item}？", "{a}乘以{b}等于多少？"],
+}
+EN_NAMES, EN_ITEMS = ["Tom", "Anna", "Li Lei", "Sara"], ["apple", "book", "pen", "coin"]
+ZH_NAMES, ZH_ITEMS = ["小明", "小红", "李雷", "王芳"], ["苹果", "书", "笔", "硬币"]
+
+
+class ArithmeticTask:
+    """Deterministic, verifiable word problems in English and Chinese.
+
+    Problems: a + b and a - b with a, b < 100 (a >= b), a * b with a < 20, b < 10.
+    The reply states a short working and ends with the number:
+        "23 + 45 = 68. The answer is 68."    /    "23 + 45 = 68。答案是68。"
+    Scoring extracts the last integer of a completion: exact match = 1.
+    Held-out problems: every (op, a, b) whose hash puts it in 1 of 8 buckets is
+    used only for evaluation, so eval measures generalisation, not recall.
+    Multi-digit carries make it hard enough that a tiny model's SFT stays
+    below 100%, and wrong answers for DPO come from plausible slips.
+    """
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    @staticmethod
+    def is_heldout(op: str, a: int, b: int) -> bool:
+        return (a * 131 + b * 17 + "+-*".index(op) * 7) % 8 == 0
+
+    @staticmethod
+    def solve(op: str, a: int, b: int) -> int:
+        return a + b if op == "+" else a - b if op == "-" else a * b
+
+    def _problem(self, rng: random.Random, heldout: bool):
+        while True:
+            op = rng.choice("+-*")
+            a, b = (rng.randrange(20), rng.randrange(10)) if op == "*" else (rng.randrange(100), rng.randrange(100))
+            if op == "-" and b > a:
+                a, b = b, a
+            if self.is_heldout(op, a, b) == heldout:
+                break
+        zh = rng.random() < 0.5
+        templates, names, items = (ZH_TEMPLATES, ZH_NAMES, ZH_ITEMS) if zh else (EN_TEMPLATES, EN_NAMES, EN_ITEMS)
+        question = rng.choice(templates[op]).format(name=rng.choice(names), item=rng.choice(items), a=a, b=b)
+        return question, op, a, b, zh
+
+    @staticmethod
+    def reply(op: str, a: int, b: int, zh: bool, answer=None) -> str:
+        answer = ArithmeticTask.solve(op, a, b) if answer is None else answer
+        sym = "×" if op == "*" else op
+        return f"{a} {sym} {b} = {answer}。答案是{answer}。" if zh else f"{a} {sym} {b} = {answer}. The answer is {answer}."
+
+    @staticmethod
+    def wrong_answer(rng: random.Random, op: str, a: int, b: int) -> int:
+        right = ArithmeticTask.solve(op, a, b)
+        slip = rng.choice([1, -1, 10, -10, 2, -2])  # off-by-one digit or a lost carry
+        return right + slip if right + slip >= 0 else right + abs(slip)
+
+    def records(self, kind: str, n: int, split: str = "train") -> list:
+        """n JSONL-style records for one stage: seq {"text"}, sft {"messages"},
+        dpo {"messages", "chosen", "rejected"}, grpo/eval {"messages", "answer"}."""
+        rng = random.Random(f"{self.seed}-{kind}-{split}")
+        out = []
+        for _ in range(n):
+            q, op, a, b, zh = self._problem(rng, heldout=split == "eval")
+            good = self.reply(op, a, b, zh)
+            prompt = [{"role": "user", "content": q}]
+            if kind == "seq":
+                out.append({"text": f"{q}\n{good}"})
+            elif kind == "sft":
+                out.append({"messages": prompt + [{"role": "assistant", "content": good}]})
+            elif kind == "dpo":
+                bad = self.reply(op, a, b, zh, self.wrong_answer(rng, op, a, b))
+                out.append({"messages": prompt, "chosen": good, "rejected": bad})
+            elif kind == "grpo":
+                out.append({"messages": prompt, "answer": str(self.solve(op, a, b))})
+            else:
+                raise ValueError(f"unknown record kind {kind!r}")
+        return out
+
+    @staticmethod
+    def score(completion: str, answer: str) -> float:
+        """1.0 if the last integer in the completion equals the answer, else 0.0."""
+        import re
+        numbers = re.findall(r"-?\d+", completion)
+        return float(bool(numbers) and numbers[-1] == answer.strip())
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    p = argparse.ArgumentParser(description="Prepare HDF5 training data, or write the built-in task as JSONL.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("prepare", help="tokenize a .jsonl or .txt file into HDF5")
+    pp.add_argument("--kind", required=True, choices=sorted(KINDS))
+    pp.add_argument("--input", required=True, help=".jsonl records, or .txt with blank-line-separated documents")
+    pp.add_argument("--tokenizer", required=True, help="tokenizer directory or tokenizer.json")
+    pp.add_argument("--out", required=True, help="output .h5 file (or folder with --shard-tokens)")
+    pp.add_argument("--shard-tokens", type=int, default=0, help="start a new shard after this many tokens")
+    pt = sub.add_parser("task", help="write the built-in arithmetic task as JSONL files")
+    pt.add_argument("--out", required=True, help="output folder")
+    pt.add_argument("--n", type=int, default=20000, help="records per training stage")
+    pt.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    if args.cmd == "prepare":
+        import tokenizer
+        if not os.path.isfile(args.input):
+            sys.exit(f"error: --input {args.input} does not exist")
+        tok = tokenizer.load(args.tokenizer)
+        try:
+            paths = prepare(args.kind, _read_records(args.input), tok, args.out, args.shard_tokens)
+        except ValueError as e:
+            sys.exit(f"error: {args.input}: {e}")
+        print(f"wrote {len(paths)} file(s): {', '.join(paths)}")
+    else:
+        os.makedirs(args.out, exist_ok=True)
+        task = ArithmeticTask(args.seed)
+        for kind, split, n in [("seq", "train", args.n), ("sft", "train", args.n), ("dpo", "train", args.n),
+                               ("grpo", "train", args.n), ("grpo", "eval", 500)]:
+            name = os.path.join(args.out, f"{kind if split == 'train' else 'eval'}.jsonl")
+            with open(name, "w", encoding="utf-8") as f:
+                for rec in task.records(kind, n, split):
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            print(f"wrote {name}")
+
+
+if __name__ == "__main__":
+    main()
