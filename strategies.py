@@ -1,0 +1,243 @@
+"""Training objectives: each strategy turns a batch into (loss, metrics).
+
+    seq   next-token cross-entropy, optional label smoothing
+    sft   cross-entropy on assistant tokens only (the loss mask)
+    dpo   Direct Preference Optimization (Rafailov et al. 2023)
+    grpo  Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath §4.1)
+    rm    Bradley-Terry reward model: a scalar head trained on preference pairs
+
+Conventions: `input_ids` (B, T); a mask (B, T) marks the tokens whose
+log-probability counts (the *target* tokens: position t is predicted by the
+logits at t-1, so the first token of a row is never a target). Log-probs
+are taken in fp32.
+
+Left out: PPO with a value model, KTO/ORPO/SimPO, sequence packing.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------
+# Log-probability helpers
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids[:, t] | ids[:, <t]) for t >= 1, as (B, T-1) in fp32.
+
+    logits (B, T, V) from a forward over ids (B, T).
+    """
+    logits = logits[:, :-1]
+    if logits.element_size() < 4:  # bf16 / fp16 -> fp32; fp64 stays (tests)
+        logits = logits.float()
+    logp = F.log_softmax(logits, dim=-1)  # (B, T-1, V)
+    return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+
+
+def sequence_logprob(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of the masked target tokens' log-probs per row: (B,).
+
+    mask (B, T) marks target tokens in ids; position 0 is ignored.
+    """
+    return (token_logprobs(model(ids), ids) * mask[:, 1:]).sum(-1)
+
+
+# -----------------------------------------------------------------------------
+# Supervised
+
+@dataclass
+class SEQ:
+    """Mean next-token cross-entropy: batch {"input_ids", "labels"} (B, T) each."""
+    label_smoothing: float = 0.0
+
+    def loss(self, model, batch):
+        logits = model(batch["input_ids"])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
+                               label_smoothing=self.label_smoothing)
+        return loss, {"tokens": batch["labels"].numel()}
+
+
+@dataclass
+class SFT:
+    """Cross-entropy averaged over loss-mask tokens only: batch adds "loss_mask" (B, T)."""
+    label_smoothing: float = 0.0
+
+    def loss(self, model, batch):
+        logits = model(batch["input_ids"])
+        mask = batch["loss_mask"].flatten().float()
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
+                             label_smoothing=self.label_smoothing, reduction="none")
+        n = mask.sum()
+        return (ce * mask).sum() / n.clamp(min=1), {"tokens": int(n)}
+
+
+# -----------------------------------------------------------------------------
+# DPO
+
+class DPO:
+    """loss = -log sigmoid(beta * [(pi_c - ref_c) - (pi_r - ref_r)])
+
+    pi_x, ref_x: summed response log-probs of the chosen / rejected reply
+    under the policy and a frozen reference. Batch (from data.collate_dpo):
+    input_ids (2B, T) = B chosen rows then B rejected rows, response_mask
+    (2B, T); both halves go through one forward.
+    """
+
+    def __init__(self, reference: nn.Module, beta: float = 0.1):
+        self.reference, self.beta = reference, beta
+        reference.requires_grad_(False).eval()
+
+    def loss(self, model, batch):
+        ids, mask = batch["input_ids"], batch["response_mask"]
+        B = ids.shape[0] // 2
+        policy = sequence_logprob(model, ids, mask)  # (2B,)
+        with torch.no_grad():
+            ref = sequence_logprob(self.reference, ids, mask)
+        reward = self.beta * (policy - ref)  # implicit rewards (2B,)
+        margin = reward[:B] - reward[B:]
+        loss = -F.logsigmoid(margin).mean()
+        return loss, {"reward_chosen": reward[:B].mean().item(), "reward_rejected": reward[B:].mean().item(),
+                      "accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item(),
+                      "tokens": int(mask.sum())}
+
+
+# -----------------------------------------------------------------------------
+# GRPO
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4):
+    """A_i = (r_i - mean(group)) / (std(group) + eps), rewards (N,) in consecutive groups of G.
+
+    std is the unbiased sample std, as in TRL; scale=False skips the division
+    (Dr. GRPO, Liu et al. 2025, argues it biases toward easy/hard prompts).
+    """
+    assert rewards.numel() % group_size == 0, (rewards.numel(), group_size)
+    r = rewards.float().view(-1, group_size)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale and group_size > 1:
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    return adv.flatten()
+
+
+class GRPO:
+    """Clipped policy-gradient with group-relative advantages and a k3 KL penalty.
+
+    For token t of completion i, with ratio rho = pi(o_t) / pi_old(o_t):
+        l_it = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) + kl_coef * k3_it
+        k3_it = exp(ref_it - logp_it) - (ref_it - logp_it) - 1     (Schulman's unbiased KL estimator)
+    aggregated as the mean over each completion's tokens, then over completions
+    ("sequence", the GRPO paper), or one mean over all tokens ("token", DAPO).
+
+    Batch: input_ids (N, T) prompt + completion rows grouped by prompt,
+    completion_mask (N, T) on completion tokens, rewards (N,), and optionally
+    old_logprobs (N, T-1) from the policy that sampled (missing = the current
+    policy, detached: ratio 1). The trainer makes mu passes over one batch.
+    """
+
+    def __init__(self, reference: Optional[nn.Module], group_size: int, kl_coef: float = 0.04,
+                 clip_low: float = 0.2, clip_high: float = 0.2, scale_rewards: bool = True,
+                 aggregation: str = "sequence"):
+        if aggregation not in ("sequence", "token"):
+            raise ValueError(f"GRPO aggregation must be 'sequence' or 'token', got {aggregation!r}")
+        if kl_coef > 0 and reference is None:
+            raise ValueError("GRPO with kl_coef > 0 needs a reference model")
+        self.reference, self.G, self.kl_coef = reference, group_size, kl_coef
+        self.clip_low, self.clip_high = clip_low, clip_high
+        self.scale_rewards, self.aggregation = scale_rewards, aggregation
+        if reference is not None:
+            reference.requires_grad_(False).eval()
+
+    def loss(self, model, batch):
+        ids, mask = batch["input_ids"], batch["completion_mask"][:, 1:].float()  # targets: (N, T-1)
+        logp = token_logprobs(model(ids), ids)  # (N, T-1)
+        old = batch.get("old_logprobs")
+        old = logp.detach() if old is None else old
+        adv = group_advantages(batch["rewards"], self.G, self.scale_rewards)[:, None]  # (N, 1)
+        ratio = torch.exp(logp - old)
+        clipped = ratio.clamp(1 - self.clip_low, 1 + self.clip_high)
+        per_token = -torch.min(ratio * adv, clipped * adv)
+        kl = torch.zeros_like(logp)
+        if self.kl_coef > 0:
+            with torch.no_grad():
+                ref = token_logprobs(self.reference(ids), ids)
+            kl = torch.exp(ref - logp) - (ref - logp) - 1
+            per_token = per_token + self.kl_coef * kl
+        lengths = mask.sum(-1).clamp(min=1)  # (N,)
+        if self.aggregation == "sequence":
+            loss = ((per_token * mask).sum(-1) / lengths).mean()
+        else:
+            loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+        n = mask.sum().clamp(min=1)
+        was_clipped = ((ratio - clipped).abs() > 0).float()
+        rewards = batch["rewards"].float()
+        return loss, {"reward_mean": rewards.mean().item(),
+                      "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+                      "clip_frac": ((was_clipped * mask).sum() / n).item(),
+                      "kl": ((kl.detach() * mask).sum() / n).item(),
+                      "completion_len": lengths.mean().item(), "tokens": int(mask.sum())}
+
+
+# -----------------------------------------------------------------------------
+# Reward model
+
+class RewardModel(nn.Module):
+    """A transformer with a scalar head read at the last response token.
+
+    r(x, y) = w . h_last + b, where h_last is the final hidden state at the
+    last masked token. Saved as the backbone's model directory plus
+    reward_head.safetensors, so a GRPO run can load it as a reward.
+    """
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.score = nn.Linear(backbone.config.hidden_size, 1)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask (B, T) -> rewards (B,)."""
+        h = self.backbone.hidden_states(ids)  # (B, T, C)
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        last = torch.where(mask.bool(), positions, -1).max(dim=1).values  # (B,) last masked position
+        assert (last >= 0).all(), "every row needs at least one response token"
+        return self.score(h[torch.arange(len(ids)), last].float()).squeeze(-1)
+
+    def save_pretrained(self, path: str):
+        from safetensors.torch import save_file
+        self.backbone.save_pretrained(path)
+        save_file({k: v.detach().contiguous() for k, v in self.score.state_dict().items()},
+                  os.path.join(path, "reward_head.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, path: str, device=None):
+        from safetensors.torch import load_file
+        from model import Transformer
+        head = os.path.join(path, "reward_head.safetensors")
+        if not os.path.isfile(head):
+            raise FileNotFoundError(f"{head} not found: {path} is not a reward model "
+                                    "(train one with `python train.py --type rm`)")
+        rm = cls(Transformer.from_pretrained(path, device=device, dtype=torch.float32))
+        rm.score.load_state_dict(load_file(head))
+        return rm.to(device)
+
+
+class RM:
+    """Bradley-Terry: loss = -log sigmoid(r(x, y_w) - r(x, y_l)), on DPO-format batches."""
+
+    def loss(self, model: RewardModel, batch):
+        ids, mask = batch["input_ids"], batch["response_mask"]
+        B = ids.shape[0] // 2
+        r = model(ids, mask)
+        margin = r[:B] - r[B:]
+        return -F.logsigmoid(margin).mean(), {"accuracy": (margin > 0).float().mean().item(),
+                                              "margin": margin.mean().item(), "tokens": int(mask.sum())}
+
+
+# --type name -> strategy class; the data kind each one reads
+STRATEGIES = {"seq": SEQ, "sft": SFT, "dpo": DPO, "grpo": GRPO, "rm": RM}
+DATA_KIND = {"seq": "seq", "sft": "sft", "dpo": "dpo", "grpo": "grpo", "rm": "dpo"}
