@@ -222,10 +222,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     """
     B, H, T, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    if q_pos is None:
-        mask = None
-        causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
-    else:
+    mask = None
+    if q_pos is not None:
         key_pos = torch.arange(S, device=q.device)
         mask = (key_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # (B, 1, T, S)
     if impl == "sdpa":
@@ -238,7 +236,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     # group query heads by their kv head instead of copying k/v: (B, Hkv, G, T, D)
     qg = q.view(B, Hkv, H // Hkv, T, q.shape[-1])
     scores = torch.einsum("bkgtd,bksd->bkgts", qg.float(), k.float()) * scale
-    visible = causal if mask is None else mask[:, :, None]  # broadcast to (B, Hkv, G, T, S)
+    if mask is None:
+        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    else:
+        visible = mask[:, :, None]  # broadcast to (B, Hkv, G, T, S)
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = scores.softmax(dim=-1)
     out = torch.einsum("bkgts,bksd->bkgtd", probs, v.float())
