@@ -211,6 +211,8 @@ def write_and_read(buf: torch.Tensor, new: torch.Tensor, slots: torch.Tensor,
 # -----------------------------------------------------------------------------
 # The attention kernel both attention kinds share
 
+SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
            q_pos: Optional[torch.Tensor], impl: str = "sdpa") -> torch.Tensor:
     """softmax(q k^T * scale + mask) v with grouped heads.
@@ -227,11 +229,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         key_pos = torch.arange(S, device=q.device)
         mask = (key_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # (B, 1, T, S)
     if impl == "sdpa":
-        if H != Hkv:  # expand kv heads to query heads: (B, Hkv, S, D) -> (B, H, S, D)
-            k = k.repeat_interleave(H // Hkv, dim=1)
-            v = v.repeat_interleave(H // Hkv, dim=1)
+        if H == Hkv:
+            gqa = {}
+        elif SDPA_HAS_GQA:  # the kernel groups heads itself
+            gqa = {"enable_gqa": True}
+        else:  # torch < 2.5: expand kv heads to query heads, (B, Hkv, S, D) -> (B, H, S, D)
+            k, v, gqa = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1), {}
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                              scale=scale)
+                                              scale=scale, **gqa)
     assert impl == "manual", impl
     # group query heads by their kv head instead of copying k/v: (B, Hkv, G, T, D)
     qg = q.view(B, Hkv, H // Hkv, T, q.shape[-1])

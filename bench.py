@@ -337,6 +337,7 @@ def bench_server(args):
     rows = [[name, f"{ms:.2f}", f"{ms - medians[0]:+.2f}"] for (name, _), ms in zip(paths, medians)]
     assert len(texts) == 1, f"paths disagree: {texts}"
     server.shutdown()
+    server.server_close()
     engine.close()
     print_table(f"one request ({N} new tokens, greedy), median of {args.requests}, tiny preset on {device}",
                 ["path", "ms/request", "overhead vs engine"], rows)

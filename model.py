@@ -219,7 +219,8 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self._init_weights()
+        if not self.lm_head.weight.is_meta:  # from_pretrained builds on "meta", then loads
+            self._init_weights()
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

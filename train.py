@@ -14,8 +14,8 @@ appends to runs/NAME/metrics.jsonl and writes checkpoints (checkpoint.py);
 the data sampler shards samples across ranks and resumes exactly, so
 `--resume` reproduces an uninterrupted run bit for bit on CPU.
 
-GRPO samples G completions per prompt from the live policy (a plain KV-cache
-sampling loop here), scores them with the built-in task's exact-match reward
+GRPO samples G completions per prompt from the live policy through the
+inference engine (engine.py, sharing the model's weights), scores them with the built-in task's exact-match reward
 or a reward model, then makes mu optimisation passes over that rollout batch.
 
 Left out: FSDP / tensor parallelism, sequence packing across documents.
@@ -246,49 +246,30 @@ def to_device(batch: dict, device) -> dict:
 # -----------------------------------------------------------------------------
 # GRPO rollouts
 
-@torch.no_grad()
-def sample_completions(model, prompts: list, max_new_tokens: int, temperature: float, stop_ids: set,
-                       generator: torch.Generator) -> list:
-    """Sample one completion per prompt through the KV cache; stop tokens are kept.
-
-    The plain loop the inference engine speeds up: prefill each prompt into its
-    own slot, then decode all rows together until every row has stopped.
-    """
-    device = next(model.parameters()).device
-    B = len(prompts)
-    cache = model.make_cache(B, max(len(p) for p in prompts) + max_new_tokens)
-    last = []
-    for b, p in enumerate(prompts):
-        ids = torch.tensor([p], device=device)
-        last.append(model(ids, torch.arange(len(p), device=device)[None], cache, torch.tensor([b], device=device))[0, -1])
-    logits = torch.stack(last)  # (B, V)
-    pos = torch.tensor([len(p) for p in prompts], device=device)
-    out, done = [[] for _ in prompts], [False] * B
-    for _ in range(max_new_tokens):
-        if temperature > 0:
-            probs = torch.softmax(logits.float() / temperature, dim=-1)
-            tok = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0]
-        else:
-            tok = logits.argmax(-1).cpu()
-        for b in range(B):
-            if not done[b]:
-                out[b].append(int(tok[b]))
-                done[b] = int(tok[b]) in stop_ids
-        if all(done):
-            break
-        logits = model(tok[:, None].to(device), pos[:, None], cache)[:, 0]
-        pos += 1
-    return out
+def rollout_seed(args, step: int, rank: int, prompt: int) -> int:
+    """A sampling seed fixed by (run seed, step, rank, prompt), so a resumed run draws
+    the same completions as an uninterrupted one; choice i of a prompt uses seed + i."""
+    return ((args.seed * 100_003 + step) * 1_009 + rank) * 65_536 + prompt * args.group_size
 
 
-def rollout_batch(model, batch, args, tok, reward_fn, generator, device) -> dict:
-    """Prompts (B/G of them) -> B completions, rewards and the sampling policy's log-probs."""
+def sample(engine, prompts: list, args, temperature: float, seeds=None) -> list:
+    """Completion token ids (stop token included), group_size per prompt when sampling."""
+    from engine import SamplingParams
+    n = args.group_size if temperature > 0 else 1
+    params = [SamplingParams(max_tokens=args.max_new_tokens, temperature=temperature, n=n,
+                             seed=None if seeds is None else seeds[i]) for i in range(len(prompts))]
+    requests = [engine.submit(p, sp) for p, sp in zip(prompts, params)]
+    return [c.token_ids for r in requests for c in r.result().choices]
+
+
+def rollout_batch(engine, model, batch, args, tok, reward_fn, step, rank, device) -> dict:
+    """B/G prompts -> B completions sampled by the live policy through the engine, their
+    rewards, and the sampling policy's per-token log-probs (recomputed by the training
+    forward, so the first of the mu passes has ratio exactly 1)."""
+    seeds = [rollout_seed(args, step, rank, i) for i in range(len(batch["prompts"]))]
+    completions = sample(engine, batch["prompts"], args, args.temperature, seeds)
     prompts = [p for p in batch["prompts"] for _ in range(args.group_size)]
     answers = [a for a in batch["answers"] for _ in range(args.group_size)]
-    was_training = model.training
-    model.eval()
-    completions = sample_completions(model, prompts, args.max_new_tokens, args.temperature,
-                                     tok.stop_ids, generator)
     rewards = torch.tensor([reward_fn(p, c, a) for p, c, a in zip(prompts, completions, answers)])
     T = max(len(p) + len(c) for p, c in zip(prompts, completions))
     ids = torch.full((len(prompts), T), tok.pad_id, dtype=torch.long)
@@ -299,8 +280,14 @@ def rollout_batch(model, batch, args, tok, reward_fn, generator, device) -> dict
     ids, mask = ids.to(device), mask.to(device)
     with torch.no_grad():
         old = strategies.token_logprobs(model(ids), ids)
-    model.train(was_training)
     return {"input_ids": ids, "completion_mask": mask, "rewards": rewards.to(device), "old_logprobs": old}
+
+
+def make_engine(model, tok, args):
+    """The inference engine over the live policy: its weights change in place as we train."""
+    from engine import InferenceEngine
+    return InferenceEngine(model, tok, max_batch_size=args.batch_size,
+                           max_seq_len=args.seq_len + args.max_new_tokens)
 
 
 def make_reward_fn(args, tok, device):
@@ -362,16 +349,13 @@ def build_strategy(args, model, device):
 
 
 @torch.no_grad()
-def evaluate(model, strategy, dataset, args, collate, device, autocast, tok=None, reward_fn=None) -> dict:
+def evaluate(model, strategy, dataset, args, collate, device, autocast, engine=None, reward_fn=None) -> dict:
     """Mean loss over up to eval_batches batches of held-out data (+ perplexity for seq/sft);
     for grpo, the mean reward of greedy completions."""
     if args.type == "grpo":
         n = min(len(dataset), args.eval_batches * args.batch_size)
         samples = [dataset[i] for i in range(n)]
-        model.eval()
-        completions = sample_completions(model, [s["prompt"] for s in samples], args.max_new_tokens, 0.0,
-                                         tok.stop_ids, None)
-        model.train()
+        completions = sample(engine, [s["prompt"] for s in samples], args, temperature=0.0)
         rewards = [reward_fn(s["prompt"], c, s["answer"]) for s, c in zip(samples, completions)]
         return {"eval_reward": float(np.mean(rewards))}
     was_training = model.training
@@ -441,7 +425,10 @@ def train(args, rank, world, device):
 
     if args.eval_only:
         reward_fn = make_reward_fn(args, tok, device) if args.type == "grpo" else None
-        result = evaluate(model, strategy, eval_set or dataset, args, collate, device, autocast, tok, reward_fn)
+        engine = make_engine(model, tok, args) if args.type == "grpo" else None
+        result = evaluate(model, strategy, eval_set or dataset, args, collate, device, autocast, engine, reward_fn)
+        if engine:
+            engine.close()
         log0(rank, json.dumps(result))
         return result
 
@@ -462,8 +449,8 @@ def train(args, rank, world, device):
         state = checkpoint.load(resume_from, None, opt, restore_rng=True, map_location=device)
         step, consumed = state["step"], state["sampler_state"]["consumed"]
         log0(rank, f"resumed from {resume_from} at step {step}")
-    gen = torch.Generator().manual_seed(args.seed * 1000 + rank + step)
     reward_fn = make_reward_fn(args, tok, device) if args.type == "grpo" else None
+    engine = make_engine(model, tok, args) if args.type == "grpo" else None
 
     net = torch.compile(model) if args.compile else model
     if world > 1:
@@ -496,7 +483,7 @@ def train(args, rank, world, device):
             group["lr"] = lr
         micro = []
         if args.type == "grpo":
-            micro = [rollout_batch(model, next(stream), args, tok, reward_fn, gen, device)
+            micro = [rollout_batch(engine, model, next(stream), args, tok, reward_fn, step, rank, device)
                      for _ in range(args.grad_accum)]
         sums, count = {}, 0
         for _ in range(args.mu if args.type == "grpo" else 1):
@@ -530,7 +517,7 @@ def train(args, rank, world, device):
             record["mfu"] = tokens / dt * flops / (989e12 * world)  # H100 bf16 dense peak
         record.update({k: v / count for k, v in sums.items() if k not in ("loss", "tokens")})
         if (args.eval_every and step % args.eval_every == 0 or step == total) and (eval_set is not None):
-            record.update(evaluate(model, strategy, eval_set, args, collate, device, autocast, tok, reward_fn))
+            record.update(evaluate(model, strategy, eval_set, args, collate, device, autocast, engine, reward_fn))
         if rank == 0:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
@@ -557,6 +544,8 @@ def train(args, rank, world, device):
         save(record)
     if metrics_file:
         metrics_file.close()
+    if engine:
+        engine.close()
     log0(rank, f"done: step {step}, loss {mean_loss:.4f}, checkpoint {checkpoint.latest(args.out)}")
     return record
 

@@ -81,10 +81,13 @@ def test_grpo_raises_the_likelihood_of_rewarded_completions(files):
     model = train.build_model(args, tok, torch.device("cpu"))
     strategy = train.build_strategy(args, model, torch.device("cpu"))
     ds = data.load_dataset(str(d / "grpo.h5"), "grpo", 64)
-    gen = torch.Generator().manual_seed(0)
     reward_fn = lambda p, c, a: sum(t % 2 == 0 for t in c) / len(c)  # differs within groups
-    batch = train.rollout_batch(model, data.collate_grpo([ds[0], ds[1]]), args, tok, reward_fn, gen,
-                                torch.device("cpu"))
+    with train.make_engine(model, tok, args) as engine:
+        prompts = data.collate_grpo([ds[0], ds[1]])
+        batch = train.rollout_batch(engine, model, prompts, args, tok, reward_fn, 0, 0, torch.device("cpu"))
+        again = train.rollout_batch(engine, model, prompts, args, tok, reward_fn, 0, 0, torch.device("cpu"))
+    assert torch.equal(batch["input_ids"], again["input_ids"])  # seeded by (seed, step, rank, prompt)
+    assert len(set(map(tuple, [r[m].tolist() for r, m in zip(batch["input_ids"], batch["completion_mask"])]))) > 1
     assert batch["input_ids"].shape[0] == 8 and batch["completion_mask"].any(1).all()
     # on-policy: the sampler's log-probs equal the current policy's
     torch.testing.assert_close(batch["old_logprobs"], strategies.token_logprobs(model(batch["input_ids"]),

@@ -1,0 +1,776 @@
+"""Inference engine: continuous batching over a fixed pool of KV-cache slots.
+
+    engine = InferenceEngine(model, tok, max_batch_size=8)             # or InferenceEngine.from_pretrained(dir)
+    req = engine.submit("Once upon a time", SamplingParams(max_tokens=64, temperature=0.8, seed=1))
+    for delta in req:                                                 # whole UTF-8 characters only
+        print(delta.text, end="")
+    out = req.result()                                                # .text .token_ids .finish_reason .usage
+    outs = engine.generate(prompts, SamplingParams(n=8, logprobs=True))  # offline batches, GRPO rollouts
+
+One scheduler thread owns the model and the cache; a slot holds one sequence
+of up to max_seq_len tokens. Each step it
+
+  1. admits waiting sequences into free slots (new requests join between
+     decode steps; nobody waits for the running ones to finish);
+  2. runs one batched decode forward, (B, 1) new tokens, for every sequence
+     past its prompt, each row at its own position in its own slot;
+  3. runs one prefill forward over prompt chunks whose padded size (B * T) is
+     at most max_prefill_tokens, so a long prompt is spread over several
+     steps instead of stalling everyone's decoding (chunked prefill, as in
+     Sarathi-Serve, Agrawal et al. 2024);
+  4. samples a token per row with that request's settings and its own
+     torch.Generator (so a seed gives the same text whatever else is in the
+     batch), detokenizes, checks stops and pushes text to the request's
+     queue. Finished and aborted sequences free their slot at once.
+
+Sampling, in this order: repetition penalty (CTRL, Keskar et al. 2019:
+seen tokens' positive logits are divided by it, negative ones multiplied),
+presence / frequency penalties (OpenAI: logit -= f * count + p * [count > 0]
+over generated tokens), temperature (0 = argmax), top-k, top-p (Holtzman et
+al. 2019), min-p (Nguyen et al. 2024: keep p >= min_p * p_max), then one
+draw. Reported logprobs are the model's raw distribution (log_softmax before
+penalties and temperature), as OpenAI reports them; with temperature 1 and
+no filters that is also the sampling distribution, which GRPO needs.
+
+`generate_reference` is the readable version (greedy, no cache, the whole
+sequence through the model per token); tests hold the engine to it.
+
+Left out: paged KV blocks and preemption (a slot reserves max_seq_len
+positions), prefix caching (n > 1 prefills the prompt n times), CUDA graphs,
+speculative decoding, beam search.
+
+    python engine.py --model runs/demo/step_000100 --prompt "Hello" --max-tokens 64
+    python engine.py --model DIR --chat
+"""
+
+import atexit
+import itertools
+import queue
+import sys
+import threading
+import time
+import traceback
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from tokenizer import StreamDecoder
+
+MAX_STOP = 4  # stop strings per request (OpenAI's limit)
+MAX_N = 64  # choices per request
+MAX_TOP_LOGPROBS = 20
+
+
+# -----------------------------------------------------------------------------
+# Errors and per-request settings
+
+class RequestError(ValueError):
+    """A request the engine cannot run as asked; `param` names the field (for HTTP 400s)."""
+
+    def __init__(self, message, param=None):
+        super().__init__(message)
+        self.param = param
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request; the cause is chained."""
+
+
+def _need(ok, param, message):
+    if not ok:
+        raise RequestError(f"{param}: {message}", param)
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: Optional[int] = None  # None: up to the end of the context
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # 1: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: Optional[int] = None  # choice i of n uses seed + i
+    stop: list = field(default_factory=list)  # strings; the text ends before the first one
+    stop_token_ids: list = field(default_factory=list)  # on top of EOS and <|im_end|>
+    ignore_eos: bool = False  # keep going past EOS / <|im_end|> (benchmarks)
+    logprobs: bool = False  # per-token logprob of each sampled token
+    top_logprobs: int = 0  # and this many best alternatives
+    n: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        _need(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
+              f"must be an integer >= 1 (got {self.max_tokens!r})")
+        _need(_is_num(self.temperature) and 0 <= self.temperature <= 2, "temperature",
+              f"must be a number in [0, 2] (got {self.temperature!r}); use 0 for greedy decoding")
+        _need(_is_int(self.top_k) and self.top_k >= 0, "top_k",
+              f"must be an integer >= 0, 0 = off (got {self.top_k!r})")
+        _need(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be a number in (0, 1] (got {self.top_p!r})")
+        _need(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be a number in [0, 1] (got {self.min_p!r})")
+        _need(_is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+              f"must be a number > 0, 1 = off (got {self.repetition_penalty!r})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _need(_is_num(value) and -2 <= value <= 2, name, f"must be a number in [-2, 2] (got {value!r})")
+        _need(self.seed is None or _is_int(self.seed), "seed", f"must be an integer (got {self.seed!r})")
+        _need(isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop), "stop",
+              f"must be a non-empty string or a list of them (got {self.stop!r})")
+        _need(len(self.stop) <= MAX_STOP, "stop", f"at most {MAX_STOP} stop strings (got {len(self.stop)})")
+        ids = self.stop_token_ids
+        _need(isinstance(ids, (list, tuple)) and all(_is_int(i) and i >= 0 for i in ids), "stop_token_ids",
+              f"must be a list of token ids (got {ids!r})")
+        _need(isinstance(self.ignore_eos, bool), "ignore_eos", "must be true or false")
+        _need(isinstance(self.logprobs, bool), "logprobs", "must be true or false")
+        _need(_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
+              f"must be an integer in [0, {MAX_TOP_LOGPROBS}] (got {self.top_logprobs!r})")
+        _need(self.logprobs or not self.top_logprobs, "top_logprobs", "needs logprobs=true")
+        _need(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"must be an integer in [1, {MAX_N}] (got {self.n!r})")
+        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
+
+
+# -----------------------------------------------------------------------------
+# Sampling filters: pure functions on a batch of logits, one setting per row
+
+def apply_penalties(logits, seen, counts, repetition, presence, frequency):
+    """logits (B, V); seen (B, V) bool: token in the prompt or output; counts (B, V):
+    times generated so far; repetition, presence, frequency (B,). Returns new logits."""
+    rep = repetition[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+
+
+def filter_logits(logits, top_k, top_p, min_p):
+    """Set to -inf every token outside a row's top-k, top-p nucleus and min-p set.
+
+    logits (B, V), already divided by the temperature; top_k (B,) long, 0 = off;
+    top_p, min_p (B,). Top-k keeps ties with the k-th value; top-p keeps the
+    smallest prefix (by probability) whose mass reaches top_p; min-p keeps
+    p >= min_p * p_max. The best token always survives.
+    """
+    B, V = logits.shape
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
+    kth = sorted_logits.gather(1, (k - 1)[:, None])  # (B, 1)
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly better-ranked tokens
+    drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)  # < 1: cumsum rounding must not cut the tail
+    drop |= probs < min_p[:, None] * probs[:, :1]  # a ratio, so renormalising after top-k does not change it
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+def find_stop(text, stops, start):
+    """Index of the first stop string in text that ends after `start`, else None."""
+    hits = [i for s in stops if (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
+    return min(hits, default=None)
+
+
+def held_back(text, stops):
+    """Length of the longest end of text that could begin a stop string:
+    ("say ST", ["STOP"]) -> 2. A stream must not show it until it is sure."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
+
+
+# -----------------------------------------------------------------------------
+# What callers get back
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list  # [(token_id, logprob)], best first; empty unless top_logprobs > 0
+
+
+@dataclass
+class Delta:
+    """New output of one choice since its previous Delta."""
+    index: int  # which of the n choices
+    text: str
+    token_ids: list
+    logprobs: Optional[list]  # TokenLogprob per token, if asked for
+    finish_reason: Optional[str] = None  # on a choice's last Delta: "stop", "length" or "abort"
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str  # excludes stop strings and stop tokens
+    token_ids: list  # every sampled token, including a stop token that ended the choice
+    finish_reason: str
+    logprobs: Optional[list]
+
+
+@dataclass
+class Result:
+    id: str
+    prompt_token_ids: list
+    choices: list
+    usage: dict  # prompt_tokens (counted once), completion_tokens (all choices), total_tokens
+
+    text = property(lambda self: self.choices[0].text)
+    token_ids = property(lambda self: self.choices[0].token_ids)
+    finish_reason = property(lambda self: self.choices[0].finish_reason)
+    logprobs = property(lambda self: self.choices[0].logprobs)
+
+
+_request_ids = itertools.count()
+
+
+class Request:
+    """The handle submit() returns: iterate it for Deltas, result() for the Result, abort() to cancel."""
+
+    def __init__(self, engine, prompt_ids, params, max_tokens):
+        self.id = f"req-{next(_request_ids)}"
+        self.prompt_ids, self.params, self.max_tokens = prompt_ids, params, max_tokens
+        self.submitted_at, self.first_token_at = time.perf_counter(), None
+        self.aborted = False
+        self._engine = engine
+        self._queue = queue.SimpleQueue()  # Deltas, or the exception that failed the request
+        self._choices = [None] * params.n
+        self._open = params.n
+        self._error = None
+        self._done = threading.Event()
+
+    def __iter__(self):
+        return (d for d in self.deltas() if d is not None)
+
+    def deltas(self, timeout=None):
+        """Yield Deltas until every choice has finished. With a timeout, yield None
+        whenever that long passes without one, so the caller can look elsewhere
+        (the server checks whether its client is still there)."""
+        remaining = self.params.n
+        while remaining:
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                yield None
+                continue
+            if isinstance(item, BaseException):
+                raise EngineError(f"{self.id} failed: {item!r}") from item
+            remaining -= item.finish_reason is not None
+            yield item
+
+    def wait(self, timeout=None) -> bool:
+        return self._done.wait(timeout)
+
+    def result(self, timeout=None) -> Result:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"{self.id} is still running after {timeout} s")
+        if self._error is not None:
+            raise EngineError(f"{self.id} failed: {self._error!r}") from self._error
+        completion = sum(len(c.token_ids) for c in self._choices)
+        usage = {"prompt_tokens": len(self.prompt_ids), "completion_tokens": completion,
+                 "total_tokens": len(self.prompt_ids) + completion}
+        return Result(self.id, self.prompt_ids, list(self._choices), usage)
+
+    def abort(self):
+        """Cancel: the choices finish with "abort" and their slots free within one step.
+        A no-op once the request is done."""
+        if not self._done.is_set():
+            self.aborted = True
+            self._engine._wake()
+
+    def _fail(self, error):
+        if not self._done.is_set():
+            self._error = error
+            self._queue.put(error)
+            self._done.set()
+
+
+class _Sequence:
+    """One choice of one request, as the scheduler thread tracks it."""
+
+    def __init__(self, request, index, tokenizer):
+        p = request.params
+        self.request, self.index, self.params = request, index, p
+        self.prompt, self.max_tokens = request.prompt_ids, request.max_tokens
+        self.slot = None
+        self.cached = 0  # prompt tokens already written into the slot
+        self.tokens, self.logprobs = [], ([] if p.logprobs else None)
+        self.generator = None  # made at admission, in the scheduler thread: callers' threads never touch torch
+        self.decoder = StreamDecoder(tokenizer, skip_special=True)
+        self.text, self.sent = "", 0  # decoded text so far; how much of it was pushed
+        self.unsent_ids, self.unsent_logprobs = [], []
+
+
+# -----------------------------------------------------------------------------
+# The engine
+
+# Live engines, closed at interpreter exit: a daemon thread torn down inside a torch
+# op (exiting mid-generation without close()) aborts the process with std::terminate.
+_live_engines = weakref.WeakSet()
+atexit.register(lambda: [e.close() for e in list(_live_engines)])
+
+
+class InferenceEngine:
+    def __init__(self, model, tokenizer, max_batch_size=8, max_seq_len=None, max_prefill_tokens=512):
+        cfg = model.config
+        max_seq_len = max_seq_len or cfg.max_position_embeddings
+        if not (_is_int(max_batch_size) and max_batch_size >= 1):
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        if not (_is_int(max_seq_len) and 2 <= max_seq_len <= cfg.max_position_embeddings):
+            raise ValueError(f"max_seq_len must be in [2, {cfg.max_position_embeddings}] (the model's "
+                             f"max_position_embeddings), got {max_seq_len!r}")
+        if not (_is_int(max_prefill_tokens) and max_prefill_tokens >= 1):
+            raise ValueError(f"max_prefill_tokens must be an integer >= 1, got {max_prefill_tokens!r}")
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                             f"{cfg.vocab_size}: they do not belong together")
+        self.model, self.tokenizer = model, tokenizer  # no .eval(): the caller may be training it (GRPO)
+        self.max_batch_size, self.max_seq_len, self.max_prefill_tokens = max_batch_size, max_seq_len, max_prefill_tokens
+        self.device = next(model.parameters()).device
+        self.cache = model.make_cache(max_batch_size, max_seq_len)
+        V = cfg.vocab_size
+        self._seen = torch.zeros(max_batch_size, V, dtype=torch.bool, device=self.device)  # prompt + output
+        self._counts = torch.zeros(max_batch_size, V, device=self.device)  # output tokens only
+        self.stop_ids = set(tokenizer.stop_ids) | ({cfg.eos_token_id} if cfg.eos_token_id is not None else set())
+        self._free = list(range(max_batch_size - 1, -1, -1))  # pop() hands out slot 0 first
+        self._waiting, self._running = deque(), []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._perf = {"prefill": deque(maxlen=64), "decode": deque(maxlen=64)}  # (tokens, seconds) per step
+        self._ttft = deque(maxlen=100)
+        self._counters = {"requests_finished": 0, "requests_aborted": 0, "requests_failed": 0, "tokens_generated": 0}
+        self._thread = threading.Thread(target=self._loop, name="engine-scheduler", daemon=True)
+        self._thread.start()
+        _live_engines.add(self)
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, **kwargs):
+        """Model and tokenizer from one model directory (config.json, weights, tokenizer.json)."""
+        import tokenizer as tokenizer_module
+        from model import Transformer
+
+        model = Transformer.from_pretrained(path, device=device, dtype=dtype)
+        return cls(model, tokenizer_module.load(path), **kwargs)
+
+    # -- submitting -------------------------------------------------------------
+
+    def submit(self, prompt, params=None) -> Request:
+        """Queue a prompt (str, encoded with special tokens as plain text, or a list of
+        token ids). Raises RequestError at once if it cannot run as asked."""
+        params = params or SamplingParams()
+        ids = self._prompt_ids(prompt)
+        request = Request(self, ids, params, self._max_tokens(len(ids), params))
+        sequences = [_Sequence(request, i, self.tokenizer) for i in range(params.n)]
+        with self._cv:
+            if self._closed:
+                raise EngineError("the engine is closed")
+            self._waiting.extend(sequences)
+            self._cv.notify()
+        return request
+
+    def chat_prompt(self, messages) -> list:
+        """ChatML prompt ids for [{"role", "content"}, ...], ending in the assistant header."""
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)[0]
+        except ValueError as e:
+            raise RequestError(f"messages: {e}", "messages") from None
+
+    def generate(self, prompts, params=None) -> list:
+        """Run a batch to completion: one Result per prompt, in order, each with params.n
+        choices (token_ids, and per-token logprobs if params.logprobs)."""
+        requests = []
+        try:
+            requests = [self.submit(p, params) for p in prompts]
+            return [r.result() for r in requests]
+        finally:
+            for r in requests:
+                r.abort()  # no-op for finished ones; stops the rest if we are leaving on an error
+
+    def _prompt_ids(self, prompt):
+        if isinstance(prompt, str):
+            try:
+                ids = self.tokenizer.encode(prompt)
+            except ValueError as e:  # e.g. a lone surrogate ("\ud800" is valid JSON, not valid UTF-8)
+                raise RequestError(f"prompt: cannot be encoded: {e}", "prompt") from None
+        elif isinstance(prompt, (list, tuple)) and all(_is_int(i) for i in prompt):
+            ids, V = list(prompt), self.model.config.vocab_size
+            bad = next((i for i in ids if not 0 <= i < V), None)
+            _need(bad is None, "prompt", f"token id {bad} is outside the vocabulary [0, {V})")
+        else:
+            raise RequestError("prompt: must be a string or a list of token ids", "prompt")
+        _need(len(ids) > 0, "prompt", "is empty; give at least one token to continue from")
+        return ids
+
+    def _max_tokens(self, prompt_len, params):
+        """The number of tokens the request may generate; never silently less than asked."""
+        room = self.max_seq_len - prompt_len
+        _need(room >= 1, "prompt", f"has {prompt_len} tokens but the context is {self.max_seq_len} tokens; "
+              f"shorten it by at least {1 - room} tokens so one can be generated")
+        if params.max_tokens is None:
+            return room
+        _need(params.max_tokens <= room, "max_tokens",
+              f"{params.max_tokens} is {params.max_tokens - room} more than the context allows: the prompt "
+              f"has {prompt_len} tokens and the context is {self.max_seq_len}, so ask for at most {room}")
+        return params.max_tokens
+
+    # -- lifecycle and stats ----------------------------------------------------
+
+    def _wake(self):
+        with self._cv:
+            self._cv.notify()
+
+    def close(self, timeout=5.0):
+        """Abort everything, stop the scheduler thread."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def stats(self) -> dict:
+        """Queue sizes count sequences (a request with n choices counts n); rates are
+        over the last 64 steps of each kind; time to first token over the last 100 requests."""
+        def rate(kind):
+            steps = list(self._perf[kind])
+            seconds = sum(s for _, s in steps)
+            return round(sum(n for n, _ in steps) / seconds, 1) if seconds else 0.0
+        ttft = list(self._ttft)
+        with self._cv:
+            free = len(self._free)  # a slot is freed before its request completes, so these never lag
+            out = {"waiting": len(self._waiting), "running": self.max_batch_size - free, "free_slots": free}
+        return {**out, "max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,
+                "prefill_tokens_per_s": rate("prefill"), "decode_tokens_per_s": rate("decode"),
+                "time_to_first_token_s": round(sum(ttft) / len(ttft), 4) if ttft else None, **self._counters}
+
+    # -- the scheduler thread ---------------------------------------------------
+
+    def _loop(self):
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not (self._waiting or self._running or self._closed):
+                        self._cv.wait()
+                    if self._closed:
+                        break
+                try:
+                    self._step()
+                except Exception as e:  # the thread must outlive any one batch: fail it, keep serving
+                    print(f"engine: a step failed; failing its {len(self._running)} running sequences",
+                          file=sys.stderr)
+                    traceback.print_exc()
+                    self._fail_running(e)
+        for seq in list(self._running) + list(self._waiting):
+            self._finish(seq, "abort")
+        self._waiting.clear()
+
+    def _step(self):
+        self._drop_aborted()
+        self._admit()
+        decoding = [s for s in self._running if s.tokens]
+        if decoding:
+            t0 = time.perf_counter()
+            logits = self._forward(decoding, [[s.tokens[-1]] for s in decoding],
+                                   [len(s.prompt) + len(s.tokens) - 1 for s in decoding], [True] * len(decoding))
+            self._sample_and_advance(decoding, logits)
+            self._perf["decode"].append((len(decoding), time.perf_counter() - t0))
+        rows = self._plan_prefill()
+        if rows:
+            t0 = time.perf_counter()
+            seqs = [s for s, _ in rows]
+            chunks = [s.prompt[s.cached:s.cached + c] for s, c in rows]
+            done = [s.cached + c == len(s.prompt) for s, c in rows]
+            logits = self._forward(seqs, chunks, [s.cached for s in seqs], done)
+            for s, c in rows:
+                s.cached += c
+            if any(done):
+                self._sample_and_advance([s for s, d in zip(seqs, done) if d], logits)
+            self._perf["prefill"].append((sum(c for _, c in rows), time.perf_counter() - t0))
+        self._running = [s for s in self._running if s.slot is not None]
+
+    def _drop_aborted(self):
+        with self._cv:
+            gone = lambda s: s.request.aborted or s.request._error is not None  # noqa: E731
+            dropped = [s for s in self._waiting if gone(s)]
+            if dropped:
+                self._waiting = deque(s for s in self._waiting if not gone(s))
+        for seq in dropped + [s for s in self._running if s.request.aborted]:
+            self._finish(seq, "abort")
+        self._running = [s for s in self._running if s.slot is not None]
+
+    def _admit(self):
+        with self._cv:
+            admitted = []
+            while self._waiting and self._free:
+                seq = self._waiting.popleft()
+                seq.slot = self._free.pop()
+                admitted.append(seq)
+            self._running += admitted  # at once: a failure below must still find (and free) these slots
+        for seq in admitted:  # a fresh generator; the slot's penalty state reset to this prompt
+            seq.generator = torch.Generator(device=self.device)
+            if seq.params.seed is None:
+                seq.generator.seed()
+            else:
+                seq.generator.manual_seed((seq.params.seed + seq.index) % (1 << 64))  # torch wants a uint64
+            self._seen[seq.slot] = False
+            self._seen[seq.slot, torch.tensor(seq.prompt, device=self.device)] = True
+            self._counts[seq.slot] = 0
+
+    def _plan_prefill(self):
+        """[(sequence, chunk length)], FIFO, with padded size rows * T <= max_prefill_tokens.
+
+        Rows are right-padded to the longest chunk T. Padding tokens are written
+        past a row's real tokens and overwritten before anything attends to them,
+        so they only need to stay inside the cache (cached + T <= max_seq_len).
+        """
+        rows, T, top = [], 0, 0
+        budget = self.max_prefill_tokens
+        for s in self._running:
+            todo = len(s.prompt) - s.cached
+            if todo == 0:
+                continue
+            for c in (min(todo, budget), min(todo, T)):  # as much as fits, else no longer than the others
+                T_new = max(T, c)
+                if c > 0 and (len(rows) + 1) * T_new <= budget and max(top, s.cached) + T_new <= self.max_seq_len:
+                    rows.append((s, c))
+                    T, top = T_new, max(top, s.cached)
+                    break
+        return rows
+
+    def _forward(self, seqs, chunks, starts, want):
+        """Write chunks[b] into seqs[b]'s slot from position starts[b]; logits (sum(want), V)
+        at the last real token of each row b with want[b]."""
+        dev = self.device
+        T = max(map(len, chunks))
+        ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=dev)  # (B, T)
+        positions = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)  # (B, T)
+        slots = torch.tensor([s.slot for s in seqs], device=dev)  # (B,)
+        h = self.model.hidden_states(ids, positions, self.cache, slots)  # (B, T, C)
+        rows = [b for b in range(len(chunks)) if want[b]]
+        if not rows:
+            return None  # mid-prompt chunks only: nothing to sample yet
+        last = torch.tensor([len(chunks[b]) - 1 for b in rows], device=dev)
+        h = h[torch.tensor(rows, device=dev), last]  # (B', C)
+        return self.model.lm_head(h).float()  # (B', V)
+
+    def _sample(self, seqs, logits):
+        """One token per row (B,) and, for rows that asked, its TokenLogprob."""
+        dev, B = self.device, len(seqs)
+        P = [s.params for s in seqs]
+        def col(name, dtype=torch.float32):  # one setting for every row: (B,)
+            return torch.tensor([getattr(p, name) for p in P], dtype=dtype, device=dev)
+        logits[:, self.tokenizer.vocab_size:] = float("-inf")  # padded vocab rows the tokenizer cannot decode
+        logprobs = logits.log_softmax(dim=-1) if any(p.logprobs for p in P) else None  # (B, V)
+        if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in P):
+            slots = torch.tensor([s.slot for s in seqs], device=dev)
+            logits = apply_penalties(logits, self._seen[slots], self._counts[slots], col("repetition_penalty"),
+                                     col("presence_penalty"), col("frequency_penalty"))
+        tokens = logits.argmax(dim=-1)  # (B,): greedy rows keep this
+        hot = [b for b in range(B) if P[b].temperature > 0]
+        if hot:
+            x = logits[hot] / col("temperature")[hot, None]  # (B', V)
+            if any(P[b].top_k or P[b].top_p < 1 or P[b].min_p for b in hot):
+                x = filter_logits(x, col("top_k", torch.long)[hot], col("top_p")[hot], col("min_p")[hot])
+            probs = x.softmax(dim=-1)
+            draws = [torch.multinomial(probs[i], 1, generator=seqs[b].generator) for i, b in enumerate(hot)]
+            tokens[hot] = torch.cat(draws)
+        lps = [None] * B
+        if logprobs is not None:
+            chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+            k = max(p.top_logprobs for p in P)
+            top_v, top_i = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0])
+            top_v, top_i, ids = top_v.tolist(), top_i.tolist(), tokens.tolist()
+            lps = [TokenLogprob(ids[b], chosen[b],
+                                list(zip(top_i[b][:P[b].top_logprobs], top_v[b][:P[b].top_logprobs])))
+                   if P[b].logprobs else None for b in range(B)]
+        return tokens, lps
+
+    def _sample_and_advance(self, seqs, logits):
+        tokens, lps = self._sample(seqs, logits)
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        self._seen[slots, tokens] = True  # slots are distinct, so no index repeats
+        self._counts[slots, tokens] += 1
+        for seq, token, lp in zip(seqs, tokens.tolist(), lps):
+            self._advance(seq, token, lp)
+
+    def _advance(self, seq, token, lp):
+        """Append one sampled token: decode it, check stops and limits, push new text."""
+        now, request, p = time.perf_counter(), seq.request, seq.params
+        if request.first_token_at is None:
+            request.first_token_at = now
+            self._ttft.append(now - request.submitted_at)
+        seq.tokens.append(token)
+        seq.unsent_ids.append(token)
+        if lp is not None:
+            seq.logprobs.append(lp)
+            seq.unsent_logprobs.append(lp)
+        self._counters["tokens_generated"] += 1
+        reason = None
+        if (token in self.stop_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"  # the token is in token_ids, its text is not
+        else:
+            start = len(seq.text)
+            seq.text += seq.decoder.feed(token)
+            cut = find_stop(seq.text, p.stop, start)
+            if cut is not None:
+                assert cut >= seq.sent, f"stop string at {cut} but {seq.sent} characters were already sent"
+                seq.text = seq.text[:cut]
+                return self._finish(seq, "stop", flush=False)  # bytes after the stop string do not matter
+            if len(seq.tokens) >= seq.max_tokens:
+                reason = "length"
+        if reason is not None:
+            self._finish(seq, reason)
+        else:
+            self._push(seq, len(seq.text) - held_back(seq.text[seq.sent:], p.stop))
+
+    def _push(self, seq, upto, reason=None):
+        text = seq.text[seq.sent:upto]
+        if text or reason:
+            seq.request._queue.put(Delta(seq.index, text, seq.unsent_ids, seq.unsent_logprobs
+                                         if seq.logprobs is not None else None, reason))
+            seq.sent, seq.unsent_ids, seq.unsent_logprobs = upto, [], []
+
+    def _finish(self, seq, reason, flush=True):
+        """End a choice: flush its text, free its slot, complete the request after its last choice."""
+        if flush:
+            seq.text += seq.decoder.flush()  # an unfinished character at the very end becomes U+FFFD
+        self._push(seq, len(seq.text), reason)
+        if seq.slot is not None:
+            self._free.append(seq.slot)
+            seq.slot = None
+        request = seq.request
+        request._choices[seq.index] = Choice(seq.index, seq.text, seq.tokens, reason, seq.logprobs)
+        request._open -= 1
+        if request._open == 0 and not request._done.is_set():
+            self._counters["requests_aborted" if request.aborted else "requests_finished"] += 1
+            request._done.set()
+
+    def _fail_running(self, error):
+        for seq in self._running:
+            if seq.slot is not None:
+                self._free.append(seq.slot)
+                seq.slot = None
+            if not seq.request._done.is_set():
+                self._counters["requests_failed"] += 1
+                seq.request._fail(error)
+        self._running = []
+
+
+# -----------------------------------------------------------------------------
+# Reference: greedy decoding, the slow and obvious way
+
+@torch.inference_mode()
+def generate_reference(model, prompt_ids, max_new_tokens, stop_ids=()):
+    """The whole sequence through the model's plain causal forward for every new token;
+    no cache, no batching. Returns the new token ids (a stop id included)."""
+    device = next(model.parameters()).device
+    ids = list(prompt_ids)
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([ids], device=device))  # (1, T, V)
+        ids.append(int(logits[0, -1].argmax()))
+        if ids[-1] in stop_ids:
+            break
+    return ids[len(prompt_ids):]
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def _stream(engine, prompt, params, echo=""):
+    request = engine.submit(prompt, params)  # raises before anything is printed
+    print(echo, end="")
+    for delta in request:
+        print(delta.text, end="", flush=True)
+    return request.result()
+
+
+def _chat(engine, args):
+    print("chat: /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        try:
+            line = input("\n> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = engine.chat_prompt(messages)
+        while len(ids) >= engine.max_seq_len and len(messages) > 2:  # drop the oldest exchange
+            del messages[int(bool(args.system)):int(bool(args.system)) + 2]
+            ids = engine.chat_prompt(messages)
+            print("[context full: dropped the oldest exchange]", file=sys.stderr)
+        try:
+            params = _params(args, engine.max_seq_len - len(ids))
+            out = _stream(engine, ids, params)
+        except RequestError as e:
+            print(f"[{e}; /reset to start over]", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": out.text})
+
+
+def _params(args, room):
+    return SamplingParams(max_tokens=max(1, min(args.max_tokens, room)), temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def main():
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory (config.json, weights, tokenizer.json)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", help="continue this text and exit")
+    mode.add_argument("--chat", action="store_true", help="interactive multi-turn chat (ChatML)")
+    p.add_argument("--system", default=None, help="--chat: system message")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: as stored in the checkpoint")
+    args = p.parse_args()
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    engine = InferenceEngine.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch_size=1,
+                                             max_seq_len=args.max_seq_len)
+    print(f"model {args.model} | {engine.model.num_params() / 1e6:.1f}M params | context {engine.max_seq_len} "
+          f"| {args.device} {engine.model.lm_head.weight.dtype}", file=sys.stderr)
+    try:
+        if args.chat:
+            _chat(engine, args)
+        else:
+            ids = engine.tokenizer.encode(args.prompt)
+            out = _stream(engine, ids, _params(args, engine.max_seq_len - len(ids)), echo=args.prompt)
+            s = engine.stats()
+            print(f"\n[{out.finish_reason} | {out.usage['completion_tokens']} tokens | "
+                  f"{s['decode_tokens_per_s']} tok/s | first token {s['time_to_first_token_s']} s]", file=sys.stderr)
+    except RequestError as e:
+        raise SystemExit(f"error: {e}")
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,554 @@
+"""OpenAI-compatible HTTP server in front of engine.py, on the standard library's http.server.
+
+    python server.py                                   # newest checkpoint of the newest run: runs/*/latest
+    python server.py --model DIR --port 8000 --api-key $KEY --max-batch-size 16
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
+    client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}], stream=True)
+
+| endpoint | |
+|---|---|
+| GET  /health               | 503 while the model loads, then 200 (never needs the key) |
+| GET  /v1/models            | the served model |
+| POST /v1/chat/completions  | ChatML prompt; stream or not; n, stop, seed, logprobs, penalties |
+| POST /v1/completions       | plain prompt (a string or token ids) |
+| POST /generate             | {"prompt": ...} -> {"text", "token_ids", "finish_reason", "usage"} |
+| GET  /stats                | engine queue sizes, tokens/s, time to first token |
+
+The wire format is what the official `openai` client parses: chat.completion /
+chat.completion.chunk objects, server-sent events ("data: {...}" + blank
+line, ending "data: [DONE]"), errors as {"error": {message, type, param,
+code}} with the status code the client maps to its exception classes. Fields
+we do not know are ignored and any model name is accepted. Besides OpenAI's
+sampling fields a request may carry top_k, min_p, repetition_penalty,
+ignore_eos and stop_token_ids (as vLLM accepts them).
+
+Each HTTP request runs in its own thread (ThreadingHTTPServer) and waits on
+its engine request, checking the socket every POLL_S: a client that goes
+away has its request aborted, which frees the KV slot. Handlers never touch
+tensors. SIGINT / SIGTERM: stop accepting, give running requests GRACE_S to
+finish, abort the rest, exit.
+
+Left out: tools / function calling, images, response_format, `echo`,
+`best_of`, batched prompts in /v1/completions, HTTPS (put a reverse proxy in
+front), rate limits.
+"""
+
+import argparse
+import glob
+import hmac
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+MAX_BODY = 1 << 20  # bytes; a 128k-token prompt is well under this
+POLL_S = 0.2  # how often a waiting handler checks that its client is still connected
+GRACE_S = 2.5  # on SIGTERM, how long running requests may finish before they are aborted
+ROUTES = {"/health": "GET", "/v1/models": "GET", "/stats": "GET", "/v1/chat/completions": "POST",
+          "/v1/completions": "POST", "/generate": "POST"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+
+
+# -----------------------------------------------------------------------------
+# Errors and request parsing (JSON in, engine arguments out)
+
+class APIError(Exception):
+    def __init__(self, status, message, param=None, code=None, type="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self):
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ClientGone(Exception):
+    pass
+
+
+def chat_messages(body):
+    """OpenAI messages -> [{"role", "content"}] for the chat template. Content may be a
+    string or a list of text parts; "developer" is treated as "system"."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list of {\"role\": ..., \"content\": ...} objects",
+                       "messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise APIError(400, f"{where} must be an object with 'role' and 'content'", where)
+        if m.get("role") not in ROLES:
+            raise APIError(400, f"{where}.role is {m.get('role')!r}; use one of {', '.join(ROLES)}", f"{where}.role")
+        content = m.get("content")
+        if content is None and m["role"] == "assistant":
+            content = ""
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError(400, f"{where}.content: only parts of type 'text' are supported",
+                               f"{where}.content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise APIError(400, f"{where}.content must be a string or a list of text parts", f"{where}.content")
+        out.append({"role": ROLES[m["role"]], "content": content})
+    return out
+
+
+def sampling_params(body, engine, chat):
+    """The request's sampling fields -> engine.SamplingParams; a bad value -> 400 naming it."""
+    from engine import RequestError, SamplingParams
+
+    names = ("temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty", "top_k",
+             "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids")
+    kw = {k: body[k] for k in names if body.get(k) is not None}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) if chat else body.get("max_tokens", 16)
+    if max_tokens is not None:  # completions default to 16 tokens, chat to the rest of the context (as OpenAI)
+        kw["max_tokens"] = max_tokens
+    if chat:
+        kw["logprobs"] = body.get("logprobs") or False
+        kw["top_logprobs"] = body.get("top_logprobs") or 0
+    elif body.get("logprobs") is not None:  # legacy completions: logprobs is the number of alternatives
+        kw["logprobs"], kw["top_logprobs"] = True, body["logprobs"]
+    try:
+        params = SamplingParams(**kw)
+    except RequestError as e:
+        raise APIError(400, str(e), e.param) from None
+    if params.n > engine.max_batch_size:
+        raise APIError(400, f"n: {params.n} is more than this server runs at once; ask for at most "
+                       f"{engine.max_batch_size} (--max-batch-size)", "n")
+    return params
+
+
+def stream_flags(body):
+    stream, options = body.get("stream") or False, body.get("stream_options")
+    if not isinstance(stream, bool):
+        raise APIError(400, "stream must be true or false", "stream")
+    if options is not None and not stream:
+        raise APIError(400, "stream_options is only allowed with stream=true", "stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise APIError(400, "stream_options must be an object like {\"include_usage\": true}", "stream_options")
+    return stream, bool((options or {}).get("include_usage"))
+
+
+def completion_prompt(body):
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and
+                                   all(isinstance(i, int) and not isinstance(i, bool) for i in prompt)):
+        return prompt
+    raise APIError(400, "prompt must be a string or a list of token ids (one prompt per request)", "prompt")
+
+
+# -----------------------------------------------------------------------------
+# Response objects, shaped as OpenAI's
+
+def chat_logprobs(tokenizer, logprobs):
+    def entry(token_id, logprob):
+        b = tokenizer.token_bytes(token_id)
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(b)}
+    return {"content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(i, v) for i, v in lp.top]}
+                        for lp in logprobs]}
+
+
+def completion_logprobs(tokenizer, logprobs):
+    text = lambda i: tokenizer.token_bytes(i).decode("utf-8", errors="replace")  # noqa: E731
+    return {"tokens": [text(lp.token_id) for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{text(i): v for i, v in lp.top} for lp in logprobs]}
+
+
+def choice_object(chat, index, text, finish_reason, logprobs, tokenizer, delta=False):
+    lp = None if logprobs is None else (chat_logprobs if chat else completion_logprobs)(tokenizer, logprobs)
+    if not chat:
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
+    key, message = ("delta", {"content": text} if text else {}) if delta else \
+        ("message", {"role": "assistant", "content": text})
+    return {"index": index, key: message, "logprobs": lp, "finish_reason": finish_reason}
+
+
+# -----------------------------------------------------------------------------
+# The request handler
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive; streams use chunked transfer encoding
+    disable_nagle_algorithm = True  # TCP_NODELAY: headers and body are separate writes; without it the
+    # body waits for the client's delayed ACK (~40 ms per response on Linux), and SSE events would bunch up
+    server_version = "AstrAI"
+
+    def do_GET(self):
+        self._dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
+
+    def log_message(self, format, *args):
+        if self.server.log_requests:
+            super().log_message(format, *args)
+
+    def _dispatch(self):
+        self._streaming = False
+        self.server.busy(+1)
+        try:
+            path = urlsplit(self.path).path.rstrip("/") or "/"
+            if path not in ROUTES:
+                raise APIError(404, f"no endpoint {path}; try {', '.join(ROUTES)}", code="not_found")
+            if self.command != ROUTES[path]:
+                raise APIError(405, f"{path} takes {ROUTES[path]}, not {self.command}", code="method_not_allowed")
+            if path == "/health":
+                return self._health()
+            self._check_key()
+            if self.server.stopping:
+                raise APIError(503, "the server is shutting down", type="server_error")
+            if self.server.engine is None:
+                raise APIError(503, "the model is still loading; retry when GET /health returns 200",
+                               type="server_error")
+            body = self._read_json() if self.command == "POST" else None
+            {"/v1/models": self._models, "/stats": self._stats, "/v1/chat/completions": self._chat,
+             "/v1/completions": self._completions, "/generate": self._generate}[path](body)
+        except ClientGone:
+            self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except APIError as e:
+            self._send_error(e)
+        except Exception as e:  # a bug must not take the server down: log it, answer 500
+            traceback.print_exc()
+            self._send_error(APIError(500, f"internal error: {e!r}", type="server_error"))
+        finally:
+            self.server.busy(-1)
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def _check_key(self):
+        key = self.server.api_key
+        if key is None:
+            return
+        auth = self.headers.get("Authorization", "")
+        given = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' with "
+                           "the key the server was started with (--api-key)", code="invalid_api_key")
+
+    def _read_json(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise APIError(411, "send the body with a Content-Length header; chunked uploads are not supported")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise APIError(411, "a POST needs a Content-Length header")
+        if not length.isdigit():
+            raise APIError(400, f"Content-Length {length!r} is not a non-negative integer")
+        if int(length) > MAX_BODY:
+            raise APIError(413, f"the body is {int(length)} bytes; the limit is {MAX_BODY}")
+        raw = self.rfile.read(int(length))
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise APIError(400, f"the body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise APIError(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, f"the body must be a JSON object, not {type(body).__name__}")
+        return body
+
+    def _send_json(self, status, obj, close=False):
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if close:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _send_error(self, e):
+        try:
+            if self._streaming:  # headers are out: report in the stream, which the client raises as APIError
+                self._event(e.body())
+                self._event("[DONE]")
+                self.wfile.write(b"0\r\n\r\n")
+            else:  # close: a body we refused to read must not be parsed as the next request
+                self._send_json(e.status, e.body(), close=True)
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def _start_stream(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._streaming = True
+
+    def _event(self, obj):
+        data = ("data: " + (obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)) + "\n\n").encode()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def _client_gone(self):
+        """True once the peer has closed: the socket reads as ready but yields no bytes."""
+        try:
+            ready, _, _ = select.select([self.connection], [], [], 0)
+            return bool(ready) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    # -- endpoints --------------------------------------------------------------
+
+    def _health(self):
+        ready = self.server.engine is not None and not self.server.stopping
+        state = "ok" if ready else ("stopping" if self.server.stopping else "loading")
+        self._send_json(200 if ready else 503, {"status": state, "model": self.server.model_name})
+
+    def _models(self, _):
+        self._send_json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
+                                                          "created": self.server.created, "owned_by": "astrai"}]})
+
+    def _stats(self, _):
+        self._send_json(200, {"model": self.server.model_name, **self.server.engine.stats()})
+
+    def _chat(self, body):
+        engine = self.server.engine
+        messages = chat_messages(body)
+        params = sampling_params(body, engine, chat=True)
+        stream, include_usage = stream_flags(body)
+        try:
+            prompt = engine.chat_prompt(messages)
+        except ValueError as e:  # engine.RequestError: text the tokenizer cannot encode
+            raise APIError(400, str(e), "messages") from None
+        self._run(prompt, params, stream, include_usage, chat=True)
+
+    def _completions(self, body):
+        engine = self.server.engine
+        if body.get("echo") or body.get("suffix") or (body.get("best_of") or 1) > 1:
+            raise APIError(400, "echo, suffix and best_of are not supported", "echo")
+        params = sampling_params(body, engine, chat=False)
+        stream, include_usage = stream_flags(body)
+        self._run(completion_prompt(body), params, stream, include_usage, chat=False)
+
+    def _generate(self, body):
+        if not isinstance(body.get("prompt"), str):
+            raise APIError(400, "prompt must be a string", "prompt")
+        params = sampling_params(body, self.server.engine, chat=True)
+        result = self._wait(self._submit(body["prompt"], params, chat=False))
+        self._send_json(200, {"text": result.text, "token_ids": result.token_ids,
+                              "finish_reason": result.finish_reason, "usage": result.usage})
+
+    # -- running a request ------------------------------------------------------
+
+    def _submit(self, prompt, params, chat):
+        from engine import EngineError, RequestError
+        try:
+            return self.server.engine.submit(prompt, params)
+        except RequestError as e:
+            param = "messages" if chat and e.param == "prompt" else e.param
+            raise APIError(400, str(e), param) from None
+        except EngineError as e:
+            raise APIError(503, str(e), type="server_error") from None
+
+    def _wait(self, request):
+        """The finished Result; aborts the request if the client disconnects first."""
+        try:
+            while not request.wait(POLL_S):
+                if self._client_gone():
+                    raise ClientGone
+        finally:
+            request.abort()  # a no-op once finished
+        result = request.result()
+        if any(c.finish_reason == "abort" for c in result.choices):
+            raise APIError(503, "the request was aborted: the server is shutting down", type="server_error")
+        return result
+
+    def _run(self, prompt, params, stream, include_usage, chat):
+        request = self._submit(prompt, params, chat)
+        kind = "chat.completion" if chat else "text_completion"
+        head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "object": kind,
+                "created": int(time.time()), "model": self.server.model_name}
+        tok = self.server.engine.tokenizer
+        if not stream:
+            result = self._wait(request)
+            choices = [choice_object(chat, c.index, c.text, c.finish_reason, c.logprobs, tok) for c in result.choices]
+            return self._send_json(200, {**head, "choices": choices, "usage": result.usage})
+        head["object"] = "chat.completion.chunk" if chat else "text_completion"
+        extra = {"usage": None} if include_usage else {}
+        try:
+            self._start_stream()
+            if chat:  # the first delta of each choice carries the role
+                for i in range(params.n):
+                    self._event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}], **extra})
+            for d in request.deltas(timeout=POLL_S):
+                if d is None:
+                    if self._client_gone():
+                        raise ClientGone
+                    continue
+                if d.finish_reason == "abort":
+                    raise APIError(503, "the request was aborted: the server is shutting down", type="server_error")
+                if d.text or d.logprobs or not chat:
+                    self._event({**head, "choices": [choice_object(chat, d.index, d.text, d.finish_reason if not chat
+                                                                   else None, d.logprobs, tok, delta=True)], **extra})
+                if chat and d.finish_reason:
+                    self._event({**head, "choices": [choice_object(chat, d.index, "", d.finish_reason, None, tok,
+                                                                   delta=True)], **extra})
+            if include_usage:
+                self._event({**head, "choices": [], "usage": request.result().usage})
+            self._event("[DONE]")
+            self.wfile.write(b"0\r\n\r\n")
+        finally:
+            request.abort()  # a no-op once finished; frees the slot if the client went away
+
+
+# -----------------------------------------------------------------------------
+# The server
+
+class Server(ThreadingHTTPServer):
+    """One daemon thread per connection, as ThreadingHTTPServer, but it keeps track of
+    them so server_close() can end them: an idle keep-alive handler left running holds
+    the engine's tensors into interpreter exit, and freeing them there aborts the process."""
+
+    def __init__(self, address, engine, api_key=None, model_name="astrai", log_requests=False):
+        super().__init__(address, Handler)
+        self.engine, self.api_key, self.model_name = engine, api_key, model_name
+        self.log_requests, self.stopping, self.created = log_requests, False, int(time.time())
+        self._lock = threading.Lock()
+        self._handlers = {}  # open connection -> its thread
+        self._busy = 0  # handlers inside a request, rather than waiting for the next one
+
+    def busy(self, change):
+        with self._lock:
+            self._busy += change
+
+    def process_request(self, request, client_address):
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address), daemon=True)
+        with self._lock:
+            self._handlers[request] = thread
+        thread.start()
+
+    def shutdown_request(self, request):
+        with self._lock:
+            self._handlers.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # a client leaving is no error
+            super().handle_error(request, client_address)
+
+    def server_close(self, timeout=1.0):
+        """Close the listening socket; give handlers busy with a request up to `timeout` s
+        to finish, then end every open connection and join the handler threads."""
+        super().server_close()
+        deadline = time.monotonic() + timeout
+        while self._busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with self._lock:
+            handlers = dict(self._handlers)
+        for connection in handlers:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)  # an idle handler's readline returns: it exits
+            except OSError:
+                pass
+        for thread in handlers.values():
+            thread.join(max(0.1, deadline - time.monotonic()))
+
+
+def make_server(engine, host="127.0.0.1", port=8000, api_key=None, model_name="astrai", log_requests=False):
+    """A Server bound to (host, port), not yet serving: run server.serve_forever() in a
+    thread. port=0 picks a free port (server.server_port). engine None answers 503
+    until it is set."""
+    return Server((host, port), engine, api_key or None, model_name, log_requests)
+
+
+def default_model_dir(root="runs"):
+    """The newest checkpoint (checkpoint.latest) of the run under `root` whose `latest` moved last."""
+    import checkpoint
+    found = []
+    for run in glob.glob(os.path.join(root, "*")):
+        marker = os.path.join(run, "latest")
+        try:
+            target = checkpoint.latest(run)
+        except ValueError:
+            continue  # a malformed `latest`: not a run we can serve
+        if target and os.path.isfile(os.path.join(target, "config.json")):
+            found.append((os.path.getmtime(marker), target))
+    if not found:
+        raise SystemExit(f"no trained model found: nothing matches {os.path.abspath(root)}/*/latest. Train one "
+                         "with `python train.py` (it writes runs/NAME/latest), or pass --model DIR.")
+    return max(found)[1]
+
+
+def shutdown(server, grace=GRACE_S):
+    """Stop accepting, let running requests finish for up to `grace` s, abort the rest."""
+    server.stopping = True
+    server.shutdown()  # serve_forever returns
+    server.socket.close()  # refuse new connections; open ones go on
+    engine = server.engine
+    if engine is not None:
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and (lambda s: s["running"] + s["waiting"])(engine.stats()):
+            time.sleep(0.05)
+        engine.close(timeout=1.0)  # aborts what is left; handlers tell their clients
+    server.server_close(timeout=1.0)  # ...and finish; idle keep-alive connections are closed
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model directory (default: the newest runs/*/latest)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address; see README before using 0.0.0.0")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--api-key", default=os.environ.get("ASTRAI_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $ASTRAI_API_KEY, else no key)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="KV slots: sequences decoded together")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--served-model-name", default=None, help="name in /v1/models (default: the directory name)")
+    args = p.parse_args()
+    model_dir = args.model or default_model_dir()
+    name = args.served_model_name or os.path.basename(os.path.normpath(model_dir))
+    server = make_server(None, args.host, args.port, args.api_key, name, log_requests=True)
+    threading.Thread(target=server.serve_forever, args=(0.1,), name="http", daemon=True).start()
+    print(f"serving {model_dir} as {name!r} on http://{args.host}:{server.server_port} "
+          f"(key {'required' if args.api_key else 'not required'}); loading...", flush=True)
+    stop, failed = threading.Event(), []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def load():
+        try:
+            import torch
+
+            from engine import InferenceEngine
+            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            server.engine = InferenceEngine.from_pretrained(
+                model_dir, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
+            e = server.engine
+            print(f"ready: {e.model.num_params() / 1e6:.1f}M params on {device} | {e.max_batch_size} slots x "
+                  f"{e.max_seq_len} tokens", flush=True)
+        except Exception as e:
+            failed.append(e)
+            stop.set()
+    threading.Thread(target=load, name="load", daemon=True).start()
+    while not stop.wait(0.5):
+        pass
+    if failed:
+        shutdown(server, grace=0)
+        raise SystemExit(f"could not load {model_dir}: {failed[0]}")
+    print(f"shutting down: running requests get {GRACE_S} s to finish", flush=True)
+    shutdown(server)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown (over a second with torch and live daemon threads)
+
+
+if __name__ == "__main__":
+    main()
