@@ -25,7 +25,7 @@ Left out: mixture-of-experts, sliding-window layers, tensor parallelism.
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch

@@ -14,7 +14,6 @@ are taken in fp32.
 Left out: PPO with a value model, KTO/ORPO/SimPO, sequence packing.
 """
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional

@@ -4,6 +4,7 @@
     python train.py --type sft --data sft.h5 --model runs/pre/step_000500 --out runs/sft
     python train.py --type dpo --data dpo.h5 --model runs/sft/step_000300 --out runs/dpo --beta 0.1
     python train.py --type grpo --data grpo.h5 --model runs/dpo/step_000100 --out runs/grpo
+    python train.py                                     # the default run: all stages on the built-in task
     python train.py --nprocs 2 ...                      # spawn 2 local processes (GLOO on CPU)
     torchrun --nproc_per_node 8 train.py ...            # or let torchrun launch (any number of nodes)
 
@@ -29,6 +30,7 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 import sys
 import time
@@ -122,6 +124,9 @@ def check_args(args):
         raise SystemExit(f"error: --data {args.data} does not exist")
     if args.resume and not checkpoint.latest(args.out):
         raise SystemExit(f"error: --resume but {args.out} has no checkpoint yet; drop --resume to start fresh")
+    if not args.resume and not args.eval_only and checkpoint.latest(args.out):
+        raise SystemExit(f"error: {args.out} already holds a run (latest: {checkpoint.latest(args.out)}); "
+                         "pass --resume to continue it, or choose another --out")
     if not args.resume and (args.model is None) == (args.preset is None):
         raise SystemExit("error: give exactly one of --model DIR or --preset NAME")
     if args.preset and not args.tokenizer:
@@ -130,6 +135,9 @@ def check_args(args):
         path = getattr(args, name)
         if path and not os.path.isdir(path):
             raise SystemExit(f"error: --{name.replace('_', '-')} {path} is not a directory")
+    if args.min_lr > args.lr:
+        raise SystemExit(f"error: --min-lr ({args.min_lr}) is above --lr ({args.lr}); the schedule decays "
+                         "from --lr down to --min-lr")
     for name in ("batch_size", "grad_accum", "seq_len", "group_size", "mu", "nprocs", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
@@ -550,14 +558,74 @@ def train(args, rank, world, device):
     return record
 
 
+# -----------------------------------------------------------------------------
+# The default run: every stage on the built-in task
+
+DEMO_STAGES = [  # (run name, --type, data, start from, steps, extra flags)
+    ("demo-1-pretrain", "seq", "seq", None, 300, ["--batch-size", "16", "--lr", "2e-3", "--warmup", "20"]),
+    ("demo-2-sft", "sft", "sft", "demo-1-pretrain", 200, ["--batch-size", "16", "--lr", "1e-3", "--warmup", "10"]),
+    ("demo-3-dpo", "dpo", "dpo", "demo-2-sft", 60, ["--batch-size", "8", "--lr", "2e-5", "--min-lr", "2e-6",
+                                                    "--beta", "0.1"]),
+    ("demo-4-grpo", "grpo", "grpo", "demo-3-dpo", 40, ["--batch-size", "32", "--group-size", "8", "--lr", "5e-5",
+                                                      "--min-lr", "5e-6", "--temperature", "0.8",
+                                                      "--max-new-tokens", "24", "--mu", "2"]),
+]
+
+
+def demo(root: str = "runs", scale: float = 1.0, eval_problems: int = 128):
+    """Tokenizer, data, then pretrain -> SFT -> DPO -> GRPO on the arithmetic task,
+    printing each stage's held-out exact-match accuracy (greedy). scale shrinks
+    every stage's steps (the tests run it at a few percent)."""
+    task, data_dir = data.ArithmeticTask(0), os.path.join(root, "demo-data")
+    previous = [os.path.join(root, name) for name, *_ in DEMO_STAGES if os.path.isdir(os.path.join(root, name))]
+    if previous:  # the demo's own directories: a new demo run replaces them
+        print(f"demo: replacing the previous demo run ({', '.join(previous)})")
+        for path in previous:
+            shutil.rmtree(path)
+    os.makedirs(data_dir, exist_ok=True)
+    t0 = time.time()
+    records = {kind: task.records(kind, 20000) for kind in ("seq", "sft", "dpo", "grpo")}
+    tok = tokenizer_lib.train([r["text"] for r in records["seq"][:5000]], vocab_size=512)
+    tok.save(os.path.join(data_dir, "tokenizer"))
+    for kind, recs in records.items():
+        data.prepare(kind, list(enumerate(recs, 1)), tok, os.path.join(data_dir, f"{kind}.h5"), log=None)
+    heldout = os.path.join(data_dir, "eval.h5")
+    data.prepare("grpo", list(enumerate(task.records("grpo", eval_problems, "eval"), 1)), tok, heldout, log=None)
+    print(f"demo: tokenizer ({tok.vocab_size} tokens) and data in {data_dir} ({time.time() - t0:.0f}s)", flush=True)
+
+    def accuracy(model_dir):
+        return main(["--type", "grpo", "--eval-only", "--data", heldout, "--model", model_dir, "--seq-len", "128",
+                     "--batch-size", "16", "--eval-batches", str(eval_problems // 16 + 1),
+                     "--max-new-tokens", "24"])["eval_reward"]
+
+    rows = []
+    for name, kind, data_kind, start, steps, extra in DEMO_STAGES:
+        out, t = os.path.join(root, name), time.time()
+        source = ["--model", checkpoint.latest(os.path.join(root, start))] if start else \
+            ["--preset", "tiny", "--tokenizer", os.path.join(data_dir, "tokenizer")]
+        print(f"\n== {name}: {kind}", flush=True)
+        last = main(["--type", kind, "--data", os.path.join(data_dir, f"{data_kind}.h5"), *source, "--out", out,
+                     "--steps", str(max(1, int(steps * scale))), "--seq-len", "128", "--log-every", "25",
+                     "--keep-last", "1", *extra])
+        rows.append((name, last["step"], (time.time() - t) / 60, last["loss"], accuracy(checkpoint.latest(out))))
+    print(f"\n{'stage':<18}{'steps':>6}{'minutes':>9}{'loss':>9}{'held-out accuracy':>19}")
+    for name, steps, minutes, loss, acc in rows:
+        print(f"{name:<18}{steps:>6}{minutes:>9.1f}{loss:>9.4f}{acc:>18.1%}")
+    print(f"\nserve the result: python server.py   (newest: {checkpoint.latest(os.path.join(root, rows[-1][0]))})")
+    return rows
+
+
 def main(argv=None):
+    """Returns the last metrics record (or eval results) of a single-process run."""
     argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        return demo()
     args = build_parser().parse_args(argv)
     check_args(args)
     if args.nprocs > 1 and "WORLD_SIZE" not in os.environ:
         spawn(args, argv)
     else:
-        run(args)
+        return run(args)
 
 
 if __name__ == "__main__":

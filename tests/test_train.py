@@ -35,6 +35,8 @@ def files(tmp_path_factory):
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     Transformer(cfg).save_pretrained(str(d / "model"))
     tok.save(str(d / "model"))
+    (d / "done" / "step_000001").mkdir(parents=True)  # a finished run's directory
+    (d / "done" / "latest").write_text("step_000001\n")
     return d, tok
 
 
@@ -217,6 +219,8 @@ def test_nan_loss_stops_with_last_good_checkpoint(files, tmp_path, monkeypatch):
     (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/model", "--backend", "ccl"], "oneccl_bind_pt"),
     (["--type", "grpo", "--data", "{d}/grpo.h5", "--model", "{d}/model", "--batch-size", "6"], "multiple of --group-size"),
     (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/model", "--resume", "--out", "{d}/none"], "no checkpoint yet"),
+    (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/model", "--out", "{d}/done"], "already holds a run"),
+    (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/model", "--lr", "1e-5"], "--min-lr (3e-05) is above"),
 ])
 def test_bad_arguments_stop_before_training(argv, message, files):
     d, _ = files
@@ -256,3 +260,18 @@ def test_lr_schedules():
 def math_cos(fraction):
     import math
     return math.cos(math.pi * fraction)
+
+
+def test_default_run_goes_through_every_stage(tmp_path, capsys):
+    """`python train.py` with no arguments, shrunk to a few steps per stage."""
+    rows = train.demo(str(tmp_path), scale=0.02, eval_problems=16)
+    assert [r[0] for r in rows] == [name for name, *_ in train.DEMO_STAGES]
+    for name, steps, minutes, loss, acc in rows:
+        assert steps >= 1 and 0.0 <= acc <= 1.0 and loss == loss
+        assert (tmp_path / name / "latest").exists()
+    out = capsys.readouterr().out
+    assert "held-out accuracy" in out and "python server.py" in out
+    from server import default_model_dir
+    assert default_model_dir(str(tmp_path)).startswith(str(tmp_path / "demo-4-grpo"))
+    train.demo(str(tmp_path), scale=0.01, eval_problems=16)  # a second demo replaces the first
+    assert "replacing the previous demo run" in capsys.readouterr().out
