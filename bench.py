@@ -147,15 +147,20 @@ def add_model_args(p):
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on GPU, fp32 on CPU")
 
 
-def _timed(fn, iters, sync):
+def _timed(fn, iters, sync, rounds=3):
+    """Seconds per call: the best of `rounds` rounds of `iters` calls, after 2 warm-up calls
+    (the best round is the least disturbed by whatever else the machine is doing)."""
     for _ in range(2):
         fn()
-    sync()
-    t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    return (time.perf_counter() - t) / iters
+    best = float("inf")
+    for _ in range(rounds):
+        sync()
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t) / iters)
+    return best
 
 
 def bench_model(args):
