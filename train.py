@@ -321,11 +321,13 @@ def log0(rank, *a):
         print(*a, flush=True)
 
 
-def build_model(args, tok, device):
-    if args.type == "rm" and args.model and os.path.isfile(os.path.join(args.model, "reward_head.safetensors")):
-        return strategies.RewardModel.from_pretrained(args.model, device=device)
-    if args.model:
-        model = Transformer.from_pretrained(args.model, dtype=torch.float32)
+def build_model(args, tok, device, source=None):
+    """The model to train: from `source` (a checkpoint being resumed), --model, or --preset."""
+    source = source or args.model
+    if args.type == "rm" and source and os.path.isfile(os.path.join(source, "reward_head.safetensors")):
+        return strategies.RewardModel.from_pretrained(source, device=device)
+    if source:
+        model = Transformer.from_pretrained(source, dtype=torch.float32)
     else:
         cfg = dataclasses.replace(PRESETS[args.preset], vocab_size=tok.vocab_size,
                                   bos_token_id=tok.eos_id, eos_token_id=tok.im_end_id)
@@ -338,12 +340,27 @@ def build_model(args, tok, device):
     return model.to(device)
 
 
-def build_strategy(args, model, device):
+def build_reference(args, model, tok, device, resuming: bool):
+    """The frozen reference of DPO / GRPO: --ref, else the model the run started from.
+
+    A fresh run copies the model it just built. A resumed run must not copy the
+    resumed policy: it reloads the start (--model), or rebuilds the --preset
+    initialisation from the run's seed.
+    """
+    if args.ref:
+        return Transformer.from_pretrained(args.ref, dtype=torch.float32).to(device)
+    if not resuming:
+        return copy.deepcopy(model)
+    if args.model:
+        return build_model(args, tok, device)
+    torch.manual_seed(args.seed)  # as train() did right before building the preset model
+    return build_model(args, tok, device)
+
+
+def build_strategy(args, model, device, tok=None, resuming=False):
     if args.type in ("dpo", "grpo"):
-        ref = Transformer.from_pretrained(args.ref, dtype=torch.float32).to(device) if args.ref \
-            else copy.deepcopy(model)
-        if args.type == "grpo" and args.kl_coef == 0:
-            ref = None
+        ref = None if args.type == "grpo" and args.kl_coef == 0 else \
+            build_reference(args, model, tok, device, resuming)
     if args.type == "seq":
         return strategies.SEQ(args.label_smoothing)
     if args.type == "sft":
@@ -416,17 +433,18 @@ def train(args, rank, world, device):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     resume_from = checkpoint.latest(args.out) if args.resume else None
-    tok = tokenizer_lib.load(args.tokenizer or resume_from or args.model)
-    if resume_from:
-        args.model, args.preset = resume_from, None
-    model = build_model(args, tok, device)
+    if resume_from:  # where the run started, so the reference model is the same one
+        started = checkpoint.load(resume_from, restore_rng=False)["config"]
+        args.model, args.preset, args.ref = started["model"], started["preset"], started["ref"]
+    tok = tokenizer_lib.load(resume_from or args.tokenizer or args.model)
+    model = build_model(args, tok, device, source=resume_from)
     kind = strategies.DATA_KIND[args.type]
     try:
         dataset = data.load_dataset(args.data, kind, args.seq_len, tok.fingerprint)
         eval_set = data.load_dataset(args.eval_data, kind, args.seq_len, tok.fingerprint) if args.eval_data else None
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    strategy = build_strategy(args, model, device)
+    strategy = build_strategy(args, model, device, tok, resuming=resume_from is not None)
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     collate = collate_for(kind, tok.pad_id)
