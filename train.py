@@ -448,15 +448,25 @@ def train(args, rank, world, device):
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     collate = collate_for(kind, tok.pad_id)
-
-    if args.eval_only:
-        reward_fn = make_reward_fn(args, tok, device) if args.type == "grpo" else None
-        engine = make_engine(model, tok, args) if args.type == "grpo" else None
-        result = evaluate(model, strategy, eval_set or dataset, args, collate, device, autocast, engine, reward_fn)
+    reward_fn = make_reward_fn(args, tok, device) if args.type == "grpo" else None
+    engine = make_engine(model, tok, args) if args.type == "grpo" else None  # rollouts and grpo eval
+    try:
+        if args.eval_only:
+            result = evaluate(model, strategy, eval_set or dataset, args, collate, device, autocast, engine,
+                              reward_fn)
+            log0(rank, json.dumps(result))
+            return result
+        return fit(args, rank, world, device, tok, model, strategy, dataset, eval_set, collate, autocast,
+                   engine, reward_fn, resume_from)
+    finally:
         if engine:
             engine.close()
-        log0(rank, json.dumps(result))
-        return result
+
+
+def fit(args, rank, world, device, tok, model, strategy, dataset, eval_set, collate, autocast, engine,
+        reward_fn, resume_from):
+    """The optimisation loop of train(): steps, logging, evaluation, checkpoints."""
+    kind = strategies.DATA_KIND[args.type]
 
     samples_per_step = args.batch_size * args.grad_accum  # per rank
     if args.type == "grpo":  # batch_size counts completions; prompts per step = batch / G
@@ -475,8 +485,6 @@ def train(args, rank, world, device):
         state = checkpoint.load(resume_from, None, opt, restore_rng=True, map_location=device)
         step, consumed = state["step"], state["sampler_state"]["consumed"]
         log0(rank, f"resumed from {resume_from} at step {step}")
-    reward_fn = make_reward_fn(args, tok, device) if args.type == "grpo" else None
-    engine = make_engine(model, tok, args) if args.type == "grpo" else None
 
     net = torch.compile(model) if args.compile else model
     if world > 1:
@@ -570,8 +578,6 @@ def train(args, rank, world, device):
         save(record)
     if metrics_file:
         metrics_file.close()
-    if engine:
-        engine.close()
     log0(rank, f"done: step {step}, loss {mean_loss:.4f}, checkpoint {checkpoint.latest(args.out)}")
     return record
 
