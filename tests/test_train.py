@@ -167,8 +167,10 @@ def _final_weights(run_dir):
 def test_ddp_two_processes_equal_one_process(files, tmp_path):
     """Same global batch (2 ranks x 4 vs 1 x 8): same parameters after 3 steps."""
     d, _ = files
-    # Adam turns last-bit differences in summation order into updates of size ~lr on
-    # near-zero gradients, so a small lr keeps those within 1e-6; real sync bugs are ~lr.
+    # Adam turns last-bit differences in summation order into updates of up to ~lr on
+    # near-zero gradients (seen: 3.7e-6 on one element in 8192 with torch 2.13); a rank
+    # whose gradients are not averaged moves every weight by ~lr per step (2e-4 here),
+    # so lr / 10 separates the two.
     common = ["--type", "seq", "--data", d / "seq.h5", "--model", d / "model", "--steps", 3,
               "--seq-len", 48, "--lr", "2e-4", "--log-every", 100]
     one = run_cli(*common, "--out", tmp_path / "one", "--batch-size", 8, env=ONE_THREAD)
@@ -187,9 +189,9 @@ def test_ddp_two_processes_equal_one_process(files, tmp_path):
     for run in ("spawn", "trun"):
         got = _final_weights(tmp_path / run)
         for k in ref:
-            torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=0)
+            torch.testing.assert_close(got[k], ref[k], atol=2e-5, rtol=0)
     assert [m["loss"] for m in metrics(tmp_path / "spawn")] == pytest.approx(
-        [m["loss"] for m in metrics(tmp_path / "one")], abs=1e-6)
+        [m["loss"] for m in metrics(tmp_path / "one")], abs=1e-5)
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(files, tmp_path, monkeypatch):
