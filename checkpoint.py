@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import sys
 
 import numpy as np
 import torch
@@ -278,6 +279,28 @@ def latest(run_dir) -> "str | None":
         raise ValueError(f"{run_dir}/latest holds {name!r}, not a step_NNNNNN name; write the name of a "
                          "complete checkpoint directory into it, or delete it to start afresh")
     return os.path.join(run_dir, name)
+
+
+_announced = set()
+
+
+def resolve(path) -> str:
+    """A model directory -> itself; a run directory -> the checkpoint its `latest` names,
+    said once on stderr. Every other path is one clear error."""
+    path = str(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such directory; pass a model directory (config.json inside) "
+                                "or a run directory (runs/NAME, with a `latest` file)")
+    if os.path.isfile(os.path.join(path, "config.json")) or not os.path.isfile(os.path.join(path, "latest")):
+        return path
+    target = latest(path)
+    if not os.path.isdir(target):
+        raise FileNotFoundError(f"{path}/latest names {os.path.basename(target)}, which does not exist; write the "
+                                "name of an existing step_* directory into it")
+    if path not in _announced:
+        _announced.add(path)
+        print(f"{path} is a run directory: using its latest checkpoint, {target}", file=sys.stderr)
+    return target
 
 
 def _read_state(path: str) -> dict:

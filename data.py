@@ -134,14 +134,18 @@ def tokenize_record(tok, kind: str, rec: dict, lineno: int = 0) -> dict:
                                  "{\"role\", \"content\"} objects")
             ids, mask = tok.apply_chat_template(rec["messages"])
             return {"sequence": ids, "loss_mask": mask}
-        prompt, _ = tok.apply_chat_template(_prompt_messages(rec, lineno), add_generation_prompt=True)
+        messages = _prompt_messages(rec, lineno)
+        prompt = tok.encode_chat(messages, add_generation_prompt=True)
         if kind == "grpo":
             return {"prompt": prompt, "answer": _field(rec, "answer", lineno)}
         out = {}
         for side in ("chosen", "rejected"):
-            response = tok.encode(_field(rec, side, lineno)) + [tok.im_end_id]
-            out[side] = prompt + response
-            out[f"{side}_mask"] = [0] * len(prompt) + [1] * len(response)
+            reply = [{"role": "assistant", "content": _field(rec, side, lineno)}]
+            ids, mask = tok.apply_chat_template(messages + reply)
+            end = max(i for i, m in enumerate(mask) if m) + 1  # the reply and its end-of-turn token(s)
+            assert ids[:len(prompt)] == prompt, "apply_chat_template extends the prompt it masks from"
+            out[side] = ids[:end]
+            out[f"{side}_mask"] = [0] * len(prompt) + mask[len(prompt):end]
         return out
     except ValueError as e:
         msg = str(e)

@@ -45,6 +45,8 @@ speculative decoding, beam search.
 
 import atexit
 import itertools
+import json
+import os
 import queue
 import sys
 import threading
@@ -62,6 +64,7 @@ from tokenizer import StreamDecoder
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 MAX_N = 64  # choices per request
 MAX_TOP_LOGPROBS = 20
+DEFAULTS_FROM_MODEL = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # generation_config.json
 
 
 # -----------------------------------------------------------------------------
@@ -319,7 +322,11 @@ atexit.register(lambda: [e.close() for e in list(_live_engines)])
 
 
 class InferenceEngine:
-    def __init__(self, model, tokenizer, max_batch_size=8, max_seq_len=None, max_prefill_tokens=512):
+    def __init__(self, model, tokenizer, max_batch_size=8, max_seq_len=None, max_prefill_tokens=512,
+                 generation_config=None):
+        """generation_config: a model directory's generation_config.json as a dict; its
+        eos_token_id (an int or a list) stops generation, and its temperature, top_p,
+        top_k, min_p and repetition_penalty are the defaults of sampling_params()."""
         cfg = model.config
         max_seq_len = max_seq_len or cfg.max_position_embeddings
         if not (_is_int(max_batch_size) and max_batch_size >= 1):
@@ -339,7 +346,14 @@ class InferenceEngine:
         V = cfg.vocab_size
         self._seen = torch.zeros(max_batch_size, V, dtype=torch.bool, device=self.device)  # prompt + output
         self._counts = torch.zeros(max_batch_size, V, device=self.device)  # output tokens only
-        self.stop_ids = set(tokenizer.stop_ids) | ({cfg.eos_token_id} if cfg.eos_token_id is not None else set())
+        gen = generation_config or {}
+        eos = gen.get("eos_token_id", cfg.eos_token_id)
+        self.stop_ids = set(tokenizer.stop_ids) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.sampling_defaults = {k: gen[k] for k in DEFAULTS_FROM_MODEL if gen.get(k) is not None}
+        try:
+            SamplingParams(**self.sampling_defaults)
+        except RequestError as e:
+            raise ValueError(f"generation_config.json: {e}") from None
         self._free = list(range(max_batch_size - 1, -1, -1))  # pop() hands out slot 0 first
         self._waiting, self._running = deque(), []
         self._cv = threading.Condition()
@@ -353,19 +367,39 @@ class InferenceEngine:
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, **kwargs):
-        """Model and tokenizer from one model directory (config.json, weights, tokenizer.json)."""
+        """Model, tokenizer and generation_config.json from one model directory, or a
+        run directory's latest checkpoint."""
+        import checkpoint
         import tokenizer as tokenizer_module
         from model import Transformer
 
+        path = checkpoint.resolve(path)
         model = Transformer.from_pretrained(path, device=device, dtype=dtype)
-        return cls(model, tokenizer_module.load(path), **kwargs)
+        gen_file = os.path.join(path, "generation_config.json")
+        try:
+            gen = json.load(open(gen_file)) if os.path.isfile(gen_file) else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{gen_file} is not valid JSON: {e}") from None
+        return cls(model, tokenizer_module.load(path), generation_config=gen, **kwargs)
+
+    def sampling_params(self, **fields) -> "SamplingParams":
+        """SamplingParams of the given fields, the rest from the model's
+        generation_config.json where it sets them (as vLLM does), else ours."""
+        return SamplingParams(**{**self.sampling_defaults, **fields})
+
+    def memory(self) -> str:
+        """One line: what the KV cache holds and its size."""
+        n = self.cache.nbytes()
+        dtype = str(self.cache.layers[0][0].dtype).removeprefix("torch.")
+        return (f"KV cache {n / 2**30:.2f} GiB ({n:,} bytes, {dtype}): {self.max_batch_size} slots x "
+                f"{self.max_seq_len} tokens")
 
     # -- submitting -------------------------------------------------------------
 
     def submit(self, prompt, params=None) -> Request:
         """Queue a prompt (str, encoded with special tokens as plain text, or a list of
         token ids). Raises RequestError at once if it cannot run as asked."""
-        params = params or SamplingParams()
+        params = params or self.sampling_params()
         ids = self._prompt_ids(prompt)
         request = Request(self, ids, params, self._max_tokens(len(ids), params))
         sequences = [_Sequence(request, i, self.tokenizer) for i in range(params.n)]
@@ -377,9 +411,10 @@ class InferenceEngine:
         return request
 
     def chat_prompt(self, messages) -> list:
-        """ChatML prompt ids for [{"role", "content"}, ...], ending in the assistant header."""
+        """Prompt ids for [{"role", "content"}, ...] through the model's chat template
+        (or our ChatML), ending where the assistant's reply begins."""
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)[0]
+            return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
         except ValueError as e:
             raise RequestError(f"messages: {e}", "messages") from None
 
@@ -452,6 +487,7 @@ class InferenceEngine:
             free = len(self._free)  # a slot is freed before its request completes, so these never lag
             out = {"waiting": len(self._waiting), "running": self.max_batch_size - free, "free_slots": free}
         return {**out, "max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,
+                "kv_cache_bytes": self.cache.nbytes(),
                 "prefill_tokens_per_s": rate("prefill"), "decode_tokens_per_s": rate("decode"),
                 "time_to_first_token_s": round(sum(ttft) / len(ttft), 4) if ttft else None, **self._counters}
 
@@ -717,7 +753,7 @@ def _chat(engine, args):
             ids = engine.chat_prompt(messages)
             print("[context full: dropped the oldest exchange]", file=sys.stderr)
         try:
-            params = _params(args, engine.max_seq_len - len(ids))
+            params = _params(engine, args, engine.max_seq_len - len(ids))
             out = _stream(engine, ids, params)
         except RequestError as e:
             print(f"[{e}; /reset to start over]", file=sys.stderr)
@@ -726,26 +762,28 @@ def _chat(engine, args):
         messages.append({"role": "assistant", "content": out.text})
 
 
-def _params(args, room):
-    return SamplingParams(max_tokens=max(1, min(args.max_tokens, room)), temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+def _params(engine, args, room):
+    """The flags the user gave; the model's generation_config.json (or ours) for the rest."""
+    given = {k: getattr(args, k) for k in (*DEFAULTS_FROM_MODEL, "seed") if getattr(args, k) is not None}
+    return engine.sampling_params(max_tokens=max(1, min(args.max_tokens, room)), **given)
 
 
 def main():
     import argparse
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model directory (config.json, weights, tokenizer.json)")
+    p.add_argument("--model", required=True, help="model directory (config.json, weights, tokenizer.json) "
+                   "or run directory (its latest checkpoint)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help="continue this text and exit")
     mode.add_argument("--chat", action="store_true", help="interactive multi-turn chat (ChatML)")
     p.add_argument("--system", default=None, help="--chat: system message")
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    sampling = p.add_argument_group("sampling (default: the model's generation_config.json, else 1 / off)")
+    sampling.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    sampling.add_argument("--top-k", type=int, default=None)
+    sampling.add_argument("--top-p", type=float, default=None)
+    sampling.add_argument("--min-p", type=float, default=None)
+    sampling.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -753,16 +791,20 @@ def main():
                    help="default: as stored in the checkpoint")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    engine = InferenceEngine.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch_size=1,
-                                             max_seq_len=args.max_seq_len)
-    print(f"model {args.model} | {engine.model.num_params() / 1e6:.1f}M params | context {engine.max_seq_len} "
-          f"| {args.device} {engine.model.lm_head.weight.dtype}", file=sys.stderr)
+    try:
+        engine = InferenceEngine.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch_size=1,
+                                                 max_seq_len=args.max_seq_len)
+    except (OSError, ValueError, ImportError) as e:
+        raise SystemExit(f"error: cannot load --model {args.model}: {e}")
+    print(f"model {args.model} | {engine.model.num_params() / 1e6:.1f}M params | {args.device} "
+          f"{engine.model.lm_head.weight.dtype} | {engine.memory()} | sampling defaults "
+          f"{engine.sampling_defaults or 'ours'}", file=sys.stderr)
     try:
         if args.chat:
             _chat(engine, args)
         else:
             ids = engine.tokenizer.encode(args.prompt)
-            out = _stream(engine, ids, _params(args, engine.max_seq_len - len(ids)), echo=args.prompt)
+            out = _stream(engine, ids, _params(engine, args, engine.max_seq_len - len(ids)), echo=args.prompt)
             s = engine.stats()
             print(f"\n[{out.finish_reason} | {out.usage['completion_tokens']} tokens | "
                   f"{s['decode_tokens_per_s']} tok/s | first token {s['time_to_first_token_s']} s]", file=sys.stderr)

@@ -11,7 +11,7 @@
 |---|---|
 | GET  /health               | 503 while the model loads, then 200 (never needs the key) |
 | GET  /v1/models            | the served model |
-| POST /v1/chat/completions  | ChatML prompt; stream or not; n, stop, seed, logprobs, penalties |
+| POST /v1/chat/completions  | the model's chat template (or ChatML); stream or not; n, stop, seed, logprobs, penalties |
 | POST /v1/completions       | plain prompt (a string or token ids) |
 | POST /generate             | {"prompt": ...} -> {"text", "token_ids", "finish_reason", "usage"} |
 | GET  /stats                | engine queue sizes, tokens/s, time to first token |
@@ -106,7 +106,7 @@ def chat_messages(body):
 
 def sampling_params(body, engine, chat):
     """The request's sampling fields -> engine.SamplingParams; a bad value -> 400 naming it."""
-    from engine import RequestError, SamplingParams
+    from engine import RequestError
 
     names = ("temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty", "top_k",
              "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids")
@@ -120,7 +120,7 @@ def sampling_params(body, engine, chat):
     elif body.get("logprobs") is not None:  # legacy completions: logprobs is the number of alternatives
         kw["logprobs"], kw["top_logprobs"] = True, body["logprobs"]
     try:
-        params = SamplingParams(**kw)
+        params = engine.sampling_params(**kw)  # fields the request leaves out: the model's defaults
     except RequestError as e:
         raise APIError(400, str(e), e.param) from None
     if params.n > engine.max_batch_size:
@@ -501,7 +501,8 @@ def shutdown(server, grace=GRACE_S):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="model directory (default: the newest runs/*/latest)")
+    p.add_argument("--model", default=None, help="model directory or run directory "
+                   "(default: the newest runs/*/latest)")
     p.add_argument("--host", default="127.0.0.1", help="bind address; see README before using 0.0.0.0")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--api-key", default=os.environ.get("ASTRAI_API_KEY"),
@@ -532,8 +533,9 @@ def main():
                 model_dir, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None,
                 max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
             e = server.engine
-            print(f"ready: {e.model.num_params() / 1e6:.1f}M params on {device} | {e.max_batch_size} slots x "
-                  f"{e.max_seq_len} tokens", flush=True)
+            print(f"ready: {e.model.num_params() / 1e6:.1f}M params on {device} "
+                  f"({e.model.lm_head.weight.dtype}) | {e.memory()} | sampling defaults from the model: "
+                  f"{e.sampling_defaults or 'none'}", flush=True)
         except Exception as e:
             failed.append(e)
             stop.set()

@@ -32,6 +32,7 @@ import json
 import operator
 import unicodedata
 from collections import Counter, defaultdict
+from datetime import datetime
 from itertools import repeat
 from pathlib import Path
 
@@ -292,11 +293,7 @@ class Tokenizer:
     """
 
     def __init__(self, vocab, merges, added, patterns, normalizer=None, ignore_merges=False,
-                 default_system=None):
-        missing = [b for b in range(256) if bytes([b]) not in vocab]
-        if missing:
-            raise ValueError(f"the vocab lacks byte tokens for {len(missing)} byte values (first "
-                             f"0x{missing[0]:02x}); a byte-level BPE needs all 256 to encode any text")
+                 default_system=None, unk=None):
         ids = [*vocab.values(), *(i for i, _, _ in added)]
         bad = [i for i in ids if not isinstance(i, int) or i < 0]
         if bad:
@@ -315,7 +312,15 @@ class Tokenizer:
         if holes:
             raise ValueError(f"token ids must run 0..{size - 1} without gaps; {len(holes)} ids are "
                              f"missing, first {holes[0]}")
-        self._byte_ids = [vocab[bytes([b])] for b in range(256)]
+        # Real vocabularies may lack bytes their training text never had (control
+        # characters, 0xC0, 0xF5..0xFF). `tokenizers` drops such bytes when encoding, or
+        # emits the unk token, and merges the symbols either side; so do we (_bpe).
+        self._byte_ids = [vocab.get(bytes([b])) for b in range(256)]  # None: not in the vocab
+        self.unk, self._unk_id = unk, None  # unk: (token bytes, fuse) or None
+        if unk is not None:
+            if unk[0] not in vocab:
+                raise ValueError(f"the unk token {token_to_str(unk[0])!r} is not in the vocab: the file is corrupt")
+            self._unk_id = vocab[unk[0]]
         self._merges = []  # (id, id) in rank order
         self._ranks = {}  # (id, id) -> rank: lower merges first
         self._merged = {}  # (id, id) -> id of the merged token
@@ -337,7 +342,11 @@ class Tokenizer:
         by_length = sorted(self._added, key=len, reverse=True)  # longest first, as `tokenizers` matches
         self._added_re = _alternation(by_length)  # allow_special=True: all added tokens
         self._plain_re = _alternation([t for t in by_length if t not in self._special])  # non-special only
+        self._special_re = _alternation([t for t in by_length if t in self._special])
         self._fingerprint = None
+        self.chat_template = None  # a model's own Jinja template; None: our ChatML (the Python path below)
+        self.special_tokens_map = {}  # tokenizer_config.json's bos_token, eos_token, ...: the template sees them
+        self._template = None  # compiled chat_template
 
     # --- properties the other modules use
 
@@ -349,8 +358,10 @@ class Tokenizer:
         """Id of an added token such as "<|im_end|>"; None if the vocab has no such token."""
         return self._added.get(token)
 
-    eos_id = property(lambda self: self.token_id(ENDOFTEXT), doc="<|endoftext|>: ends a document")
-    pad_id = property(lambda self: self.token_id(ENDOFTEXT), doc="padding reuses <|endoftext|>")
+    eos_id = property(lambda self: self.token_id(self.special_tokens_map.get("eos_token", ENDOFTEXT)),
+                      doc="ends a document: tokenizer_config.json's eos_token, ours <|endoftext|>")
+    pad_id = property(lambda self: self.token_id(self.special_tokens_map.get("pad_token")) or self.eos_id,
+                      doc="pad_token if the config names one, else eos")
     im_start_id = property(lambda self: self.token_id(IM_START))
     im_end_id = property(lambda self: self.token_id(IM_END), doc="ends a chat turn")
     special_ids = property(lambda self: set(self._special_ids))
@@ -382,11 +393,17 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise ValueError(f"encode takes a str, got {type(text).__name__}")
-        added_re = self._added_re if allow_special else self._plain_re
+        return self._encode(text, self._added_re if allow_special else self._plain_re)
+
+    def _encode(self, text, added_re, plain_spans=()):
+        """Added tokens found by added_re become their ids, except special ones that
+        overlap a (start, end) in plain_spans (user content in a rendered chat)."""
         if added_re is None:
             return self._encode_ordinary(text)
         ids, pos = [], 0
         for m in added_re.finditer(text):
+            if m.group() in self._special and any(a < m.end() and m.start() < b for a, b in plain_spans):
+                continue  # stays text: a user cannot close their turn by typing <|im_end|>
             ids += self._encode_ordinary(text[pos:m.start()]) + [self._added[m.group()]]
             pos = m.end()
         return ids + self._encode_ordinary(text[pos:])
@@ -410,6 +427,8 @@ class Tokenizer:
         if self.ignore_merges and piece in self._vocab:  # Llama-3: whole-word vocab hit wins
             return [self._vocab[piece]]
         ids = [self._byte_ids[b] for b in piece]
+        if None in ids:  # bytes the vocab lacks: dropped, or the unk token (one per run if fused)
+            ids = self._replace_missing(ids)
         rank = self._ranks.get
         ranks = list(map(rank, zip(ids, ids[1:]), repeat(INF)))  # ranks[j]: rank of (ids[j], ids[j + 1])
         while ranks:
@@ -426,6 +445,17 @@ class Tokenizer:
             lo = max(i - 1, 0)
             ranks[lo:i + 2] = [rank((ids[j], ids[j + 1]), INF) for j in range(lo, min(i + 1, len(ids) - 1))]
         return ids
+
+    def _replace_missing(self, ids):
+        """[5, None, None, 7] -> [5, 7] without an unk token; [5, unk, unk, 7] with one,
+        [5, unk, 7] if it is fused (as the BPE model of `tokenizers` does)."""
+        out = []
+        for k, i in enumerate(ids):
+            if i is not None:
+                out.append(i)
+            elif self._unk_id is not None and not (self.unk[1] and k and ids[k - 1] is None):
+                out.append(self._unk_id)
+        return out
 
     def _check_id(self, token_id):
         """-> a plain int; accepts Python, NumPy and 0-d torch integers."""
@@ -448,34 +478,77 @@ class Tokenizer:
             ids = [i for i in ids if i not in self._special_ids]
         return b"".join(self._tokens[i] for i in ids).decode("utf-8", errors="replace")
 
-    # --- chat template (ChatML, as Qwen uses)
+    # --- chat templates: our ChatML, or the model's own Jinja template
+
+    def set_chat_template(self, source, special_tokens_map=None):
+        """Use a model's Jinja chat template (None: our ChatML). special_tokens_map holds
+        the names the template may use, {"bos_token": "<s>", "eos_token": ...}. It is
+        compiled here, so a syntax error or a missing jinja2 shows when the model loads."""
+        self.special_tokens_map = dict(special_tokens_map or {})
+        self.chat_template = None if source == self.chat_template_jinja() else source
+        self._template = compile_chat_template(self.chat_template) if self.chat_template else None
 
     def render_chat(self, messages, add_generation_prompt=False):
-        """Messages -> ChatML text: <|im_start|>role\\ncontent<|im_end|>\\n per turn.
-
-        A default system message, if set, comes first when the conversation has
-        none. add_generation_prompt appends "<|im_start|>assistant\\n" for the
-        model to continue. tokenizer_config.json's Jinja template renders the same.
+        """Messages -> the prompt text. With the model's own template, what transformers'
+        apply_chat_template(..., tokenize=False) returns. Else ChatML:
+        <|im_start|>role\ncontent<|im_end|>\n per turn, after the default system
+        message when the conversation has none; add_generation_prompt appends
+        "<|im_start|>assistant\n" for the model to continue (tokenizer_config.json's
+        Jinja template renders the same).
         """
         _check_messages(messages)
+        if self._template is not None:
+            return render_template(self._template, messages, add_generation_prompt, self.special_tokens_map)
         return "".join(f"{IM_START}{role}\n{content}{IM_END}\n" for role, content in
                        self._turns(messages)) + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+    def encode_chat(self, messages, add_generation_prompt=True):
+        """Messages -> prompt ids. Special-token text inside a message stays plain text."""
+        if self._template is None:
+            return self._chatml(messages, add_generation_prompt)[0]
+        text = self.render_chat(messages, add_generation_prompt)
+        return self._encode(text, self._added_re, _content_spans(text, messages, self._special_re))
 
     def apply_chat_template(self, messages, add_generation_prompt=False):
         """Messages -> (ids, assistant_mask); mask[i] = 1 on tokens an SFT loss trains on.
 
-        The mask covers each assistant reply and its closing <|im_end|> (so the
-        model learns to stop), not the "<|im_start|>assistant\\n" header nor the
-        "\\n" after <|im_end|>. Each content is encoded on its own, with specials as
-        plain text: that is what the model sees when it generates after the
-        header. So ids equal encode(render_chat(m), allow_special=True) except
-        where a content starts with a character that would merge with the
-        header's "\\n" (a leading newline), or contains special-token text.
+        ChatML: the mask covers each assistant reply and its closing <|im_end|> (so
+        the model learns to stop), not the "<|im_start|>assistant\n" header nor the
+        "\n" after <|im_end|>. Each content is encoded on its own, with specials as
+        plain text: that is what the model sees when it generates after the header.
+        So ids equal encode(render_chat(m), allow_special=True) except where a
+        content starts with a character that would merge with the header's "\n"
+        (a leading newline), or contains special-token text.
+
+        A model's own template: ids are those of the rendered text (as transformers
+        tokenizes it); assistant turn k is masked as the tokens it adds to the
+        conversation before it, rendered with the generation prompt:
+        encode_chat(m[:k+1], False)[len(encode_chat(m[:k], True)):]. A template that
+        does not render a conversation as a sequence of such extensions (one that
+        rewrites earlier turns) gets an error, never a wrong mask.
         """
+        if self._template is None:
+            return self._chatml(messages, add_generation_prompt)
+        ids = self.encode_chat(messages, add_generation_prompt)
+        mask = [0] * len(ids)
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.encode_chat(messages[:k], True) if k else None
+            after = self.encode_chat(messages[:k + 1], False)
+            if before is None or after[:len(before)] != before or ids[:len(after)] != after:
+                raise ValueError(f"the model's chat template does not render assistant message {k} as an extension "
+                                 "of the conversation before it (it rewrites earlier turns or starts with an "
+                                 "assistant turn), so no SFT loss mask can be derived from it; train with our "
+                                 "ChatML (a tokenizer without chat_template) or adapt the template")
+            mask[len(before):len(after)] = [1] * (len(after) - len(before))
+        return ids, mask
+
+    def _chatml(self, messages, add_generation_prompt):
         _check_messages(messages)
         if self.im_start_id is None or self.im_end_id is None:
-            raise ValueError(f"this tokenizer has no {IM_START} / {IM_END} tokens, which ChatML needs; "
-                             "train it with the default special_tokens")
+            raise ValueError(f"this tokenizer has no {IM_START} / {IM_END} tokens, which ChatML needs, and no "
+                             "chat template of its own; train it with the default special_tokens")
         ids, mask = [], []
         for role, content in self._turns(messages):
             header = [self.im_start_id] + self.encode(f"{role}\n")
@@ -523,8 +596,9 @@ class Tokenizer:
             "normalizer": {"type": self.normalizer} if self.normalizer else None,
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": splits + [byte_level]},
             "post_processor": None, "decoder": byte_level,
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+            "model": {"type": "BPE", "dropout": None, "unk_token": self.unk and token_to_str(self.unk[0]),
+                      "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                      "fuse_unk": bool(self.unk and self.unk[1]), "byte_fallback": False,
                       "ignore_merges": self.ignore_merges,
                       "vocab": {token_to_str(self._tokens[i]): i for i in sorted(self._model_ids)},
                       "merges": [[token_to_str(self._tokens[a]), token_to_str(self._tokens[b])]
@@ -535,11 +609,12 @@ class Tokenizer:
         """Write tokenizer.json and tokenizer_config.json (for transformers.AutoTokenizer)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        eos = ENDOFTEXT if self.eos_id is not None else None
+        eos = ENDOFTEXT if self.token_id(ENDOFTEXT) is not None else None
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "chat_template": self.chat_template_jinja(),
+            "chat_template": self.chat_template or self.chat_template_jinja(),
             "bos_token": None, "eos_token": eos, "pad_token": eos, "unk_token": None,
+            **self.special_tokens_map,  # a model's own, kept when we fine-tune it
             "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
             "clean_up_tokenization_spaces": False, "split_special_tokens": False,
             "model_max_length": 1 << 30,  # the model's config.json holds the real context length
@@ -565,6 +640,73 @@ def _check_messages(messages):
         if not isinstance(m.get("content"), str):
             raise ValueError(f"message {k} content must be a string, got {type(m.get('content')).__name__}; "
                              "join multi-part content into one string first")
+
+
+# -----------------------------------------------------------------------------
+# A model's own chat template, rendered as transformers renders it
+
+
+def compile_chat_template(source):
+    """Jinja source -> a template, in the environment transformers uses
+    (utils/chat_template_utils.py): sandboxed (a template cannot touch files or
+    call arbitrary methods), trim_blocks + lstrip_blocks, loop controls, a tojson
+    that keeps non-ASCII text, raise_exception() and strftime_now()."""
+    try:
+        import jinja2.ext
+        import jinja2.sandbox
+    except ImportError:
+        raise ImportError("this model's chat template is Jinja: pip install jinja2") from None
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"the chat template does not compile: {e}") from None
+
+
+def render_template(template, messages, add_generation_prompt, special_tokens_map):
+    """The template's text for a conversation. Messages are dicts, so a template
+    may read m['role'] or m.role (Jinja looks up items when attributes fail). Its
+    raise_exception(msg), or any error while rendering, becomes ValueError(msg)."""
+    import jinja2
+    try:
+        return template.render(messages=messages, tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **special_tokens_map)
+    except (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise ValueError(f"chat template: {e}") from None
+
+
+def _content_spans(text, messages, special_re):
+    """(start, end) of each message content in the rendered text that contains
+    special-token text, so encoding keeps it plain. Contents are looked for in
+    order, each after the one before; one that the template changed (trimmed, say)
+    cannot be protected, and is an error rather than an injection."""
+    spans, pos = [], 0
+    for k, m in enumerate(messages):
+        content = m["content"]
+        found = text.find(content, pos) if content else -1
+        if found < 0 and content.strip():
+            content = content.strip()
+            found = text.find(content, pos)
+        if found >= 0:
+            pos = found + len(content)
+        if special_re is None or not special_re.search(m["content"]):
+            continue
+        if found < 0:
+            raise ValueError(f"message {k} contains special-token text that the chat template changes, so it "
+                             "cannot be kept as plain text; remove the special-token text")
+        spans.append((found, found + len(content)))
+    return spans
 
 
 # -----------------------------------------------------------------------------
@@ -605,12 +747,17 @@ class StreamDecoder:
 
 
 def load(path):
-    """Load a tokenizer from a directory (tokenizer.json inside) or a tokenizer.json path."""
+    """Load a tokenizer from a model directory (tokenizer.json inside), a run directory
+    (its latest checkpoint) or a tokenizer.json path, with the chat template and
+    special-token names of tokenizer_config.json / chat_template.jinja beside it."""
     path = Path(path)
+    if path.is_dir() and not (path / "tokenizer.json").is_file() and (path / "latest").is_file():
+        import checkpoint
+        path = Path(checkpoint.resolve(path))
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
-        raise ValueError(f"no tokenizer.json at {path}: pass a directory written by Tokenizer.save "
-                         "or a Hugging Face tokenizer.json file")
+        raise ValueError(f"no tokenizer.json at {path}: pass a model or run directory, a directory written "
+                         "by Tokenizer.save, or a Hugging Face tokenizer.json file")
     config_file = file.parent / "tokenizer_config.json"
     try:
         spec = json.loads(file.read_text(encoding="utf-8"))
@@ -619,17 +766,43 @@ def load(path):
         raise ValueError(f"{file} or its tokenizer_config.json is not valid JSON ({e}); "
                          "re-save it with Tokenizer.save") from None
     try:
-        return from_hf_json(spec, default_system=config.get("default_system_message"), source=str(file))
+        tok = from_hf_json(spec, default_system=config.get("default_system_message"), source=str(file))
     except (KeyError, TypeError, AttributeError, IndexError, regex.error) as e:  # missing or mistyped field
         raise ValueError(f"{file} is malformed ({type(e).__name__}: {e}); re-save it with "
                          "Tokenizer.save or tokenizers") from None
+    tok.set_chat_template(_chat_template_source(file.parent, config), _special_tokens_map(config))
+    return tok
+
+
+def _chat_template_source(directory, config):
+    """chat_template.jinja (transformers 5 writes it) or tokenizer_config.json's
+    chat_template: a string, or a list of named templates of which we use "default"."""
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    source = config.get("chat_template")
+    if isinstance(source, list):
+        source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
+    return source if isinstance(source, str) else None
+
+
+def _special_tokens_map(config):
+    """{"bos_token": "<s>", ...} from tokenizer_config.json, whose values are strings or
+    {"content": ...} objects; unset ones are left out, as transformers leaves them out."""
+    out = {}
+    for name in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
+        value = config.get(name)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            out[name] = value
+    return out
 
 
 def from_hf_json(spec, default_system=None, source="tokenizer.json"):
     """Build a Tokenizer from a parsed `tokenizers` tokenizer.json (byte-level BPE only)."""
     def fail(what):
-        raise ValueError(f"{source}: {what}; only byte-level BPE tokenizers (GPT-2, Llama-3, "
-                         "Qwen2 style) are supported")
+        raise ValueError(f"{source}: {what}; only byte-level BPE tokenizers (GPT-2, Llama-3, Qwen2 style) "
+                         "are supported, not SentencePiece / Metaspace ones (Llama-2, Mistral-7B-v0.1)")
 
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
         fail("no 'model' object")
@@ -653,7 +826,8 @@ def from_hf_json(spec, default_system=None, source="tokenizer.json"):
     merges = [_parse_merge(m, fail) for m in model["merges"]]
     added = [(t["id"], t["content"], bool(t.get("special"))) for t in spec.get("added_tokens") or []]
     ignore_merges = bool(model.get("ignore_merges"))
-    return Tokenizer(vocab, merges, added, patterns, normalizer, ignore_merges, default_system)
+    unk = (str_to_token(model["unk_token"]), bool(model.get("fuse_unk"))) if model.get("unk_token") else None
+    return Tokenizer(vocab, merges, added, patterns, normalizer, ignore_merges, default_system, unk)
 
 
 def _parse_normalizer(spec, fail):

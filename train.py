@@ -131,10 +131,12 @@ def check_args(args):
         raise SystemExit("error: give exactly one of --model DIR or --preset NAME")
     if args.preset and not args.tokenizer:
         raise SystemExit("error: --preset needs --tokenizer DIR (the model's vocabulary comes from it)")
-    for name in ("model", "tokenizer", "ref", "reward_model"):
-        path = getattr(args, name)
-        if path and not os.path.isdir(path):
-            raise SystemExit(f"error: --{name.replace('_', '-')} {path} is not a directory")
+    for name in ("model", "tokenizer", "ref", "reward_model"):  # a run directory -> its latest checkpoint
+        if getattr(args, name):
+            try:
+                setattr(args, name, checkpoint.resolve(getattr(args, name)))
+            except (FileNotFoundError, ValueError) as e:
+                raise SystemExit(f"error: --{name.replace('_', '-')}: {e}")
     if args.min_lr > args.lr:
         raise SystemExit(f"error: --min-lr ({args.min_lr}) is above --lr ({args.lr}); the schedule decays "
                          "from --lr down to --min-lr")
