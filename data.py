@@ -533,7 +533,10 @@ def main():
         import tokenizer
         if not os.path.isfile(args.input):
             sys.exit(f"error: --input {args.input} does not exist")
-        tok = tokenizer.load(args.tokenizer)
+        try:
+            tok = tokenizer.load(args.tokenizer)
+        except (ValueError, OSError, ImportError) as e:
+            sys.exit(f"error: --tokenizer: {e}")
         try:
             paths = prepare(args.kind, _read_records(args.input), tok, args.out, args.shard_tokens)
         except ValueError as e:

@@ -45,8 +45,6 @@ speculative decoding, beam search.
 
 import atexit
 import itertools
-import json
-import os
 import queue
 import sys
 import threading
@@ -322,11 +320,11 @@ atexit.register(lambda: [e.close() for e in list(_live_engines)])
 
 
 class InferenceEngine:
-    def __init__(self, model, tokenizer, max_batch_size=8, max_seq_len=None, max_prefill_tokens=512,
-                 generation_config=None):
-        """generation_config: a model directory's generation_config.json as a dict; its
-        eos_token_id (an int or a list) stops generation, and its temperature, top_p,
-        top_k, min_p and repetition_penalty are the defaults of sampling_params()."""
+    def __init__(self, model, tokenizer, max_batch_size=8, max_seq_len=None, max_prefill_tokens=512):
+        """The model's generation_config (generation_config.json of its directory) is
+        read as vLLM reads it: its eos_token_id (an int or a list) stops generation,
+        and its temperature, top_p, top_k, min_p and repetition_penalty are the
+        defaults of sampling_params()."""
         cfg = model.config
         max_seq_len = max_seq_len or cfg.max_position_embeddings
         if not (_is_int(max_batch_size) and max_batch_size >= 1):
@@ -346,7 +344,7 @@ class InferenceEngine:
         V = cfg.vocab_size
         self._seen = torch.zeros(max_batch_size, V, dtype=torch.bool, device=self.device)  # prompt + output
         self._counts = torch.zeros(max_batch_size, V, device=self.device)  # output tokens only
-        gen = generation_config or {}
+        gen = getattr(model, "generation_config", {})
         eos = gen.get("eos_token_id", cfg.eos_token_id)
         self.stop_ids = set(tokenizer.stop_ids) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.sampling_defaults = {k: gen[k] for k in DEFAULTS_FROM_MODEL if gen.get(k) is not None}
@@ -367,20 +365,15 @@ class InferenceEngine:
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, **kwargs):
-        """Model, tokenizer and generation_config.json from one model directory, or a
-        run directory's latest checkpoint."""
+        """Model (with its generation_config.json) and tokenizer from one model directory,
+        or a run directory's latest checkpoint."""
         import checkpoint
         import tokenizer as tokenizer_module
         from model import Transformer
 
         path = checkpoint.resolve(path)
-        model = Transformer.from_pretrained(path, device=device, dtype=dtype)
-        gen_file = os.path.join(path, "generation_config.json")
-        try:
-            gen = json.load(open(gen_file)) if os.path.isfile(gen_file) else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{gen_file} is not valid JSON: {e}") from None
-        return cls(model, tokenizer_module.load(path), generation_config=gen, **kwargs)
+        return cls(Transformer.from_pretrained(path, device=device, dtype=dtype), tokenizer_module.load(path),
+                   **kwargs)
 
     def sampling_params(self, **fields) -> "SamplingParams":
         """SamplingParams of the given fields, the rest from the model's

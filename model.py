@@ -217,6 +217,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        self.generation_config = {}  # generation_config.json as loaded (eos ids, sampling defaults); kept on save
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if not self.lm_head.weight.is_meta:  # from_pretrained builds on "meta", then loads
@@ -342,8 +343,10 @@ class Transformer(nn.Module):
             os.replace(tmp, os.path.join(path, name))
         dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
         _write_json(os.path.join(path, "config.json"), config_to_hf(self.config, dtype))
-        gen = {k: getattr(self.config, k) for k in ("bos_token_id", "eos_token_id")
-               if getattr(self.config, k) is not None}
+        gen = dict(self.generation_config)  # a loaded model's own, e.g. a list of eos ids
+        for k in ("bos_token_id", "eos_token_id"):
+            if getattr(self.config, k) is not None:
+                gen.setdefault(k, getattr(self.config, k))
         _write_json(os.path.join(path, "generation_config.json"), gen)
 
     @classmethod
@@ -398,6 +401,13 @@ class Transformer(nn.Module):
             model.lm_head.weight = model.model.embed_tokens.weight
         model.model.rotary_emb = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling,
                                                  cfg.max_position_embeddings).to(device)
+        gen_file = os.path.join(path, "generation_config.json")
+        if os.path.isfile(gen_file):
+            with open(gen_file) as f:
+                try:
+                    model.generation_config = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{gen_file} is not valid JSON: {e}") from None
         return model
 
 

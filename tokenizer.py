@@ -521,27 +521,31 @@ class Tokenizer:
         (a leading newline), or contains special-token text.
 
         A model's own template: ids are those of the rendered text (as transformers
-        tokenizes it); assistant turn k is masked as the tokens it adds to the
-        conversation before it, rendered with the generation prompt:
-        encode_chat(m[:k+1], False)[len(encode_chat(m[:k], True)):]. A template that
-        does not render a conversation as a sequence of such extensions (one that
-        rewrites earlier turns) gets an error, never a wrong mask.
+        tokenizes it), and assistant message k is masked as what it adds to the
+        conversation before it: the tokens of render(m[:k+1]) past those of
+        render(m[:k], add_generation_prompt=True), both compared with the whole
+        conversation's ids (a token that merges across either boundary stays
+        unmasked). A template that does not render the conversation as such a
+        sequence of extensions (one that rewrites earlier turns, like Qwen3's
+        reasoning stripping) is an error, never a wrong mask.
         """
         if self._template is None:
             return self._chatml(messages, add_generation_prompt)
-        ids = self.encode_chat(messages, add_generation_prompt)
+        text, ids = self.render_chat(messages, add_generation_prompt), self.encode_chat(messages, add_generation_prompt)
         mask = [0] * len(ids)
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self.encode_chat(messages[:k], True) if k else None
-            after = self.encode_chat(messages[:k + 1], False)
-            if before is None or after[:len(before)] != before or ids[:len(after)] != after:
+            before = self.render_chat(messages[:k], add_generation_prompt=True) if k else None
+            after = self.render_chat(messages[:k + 1])
+            if before is None or not after.startswith(before) or not text.startswith(after):
                 raise ValueError(f"the model's chat template does not render assistant message {k} as an extension "
                                  "of the conversation before it (it rewrites earlier turns or starts with an "
                                  "assistant turn), so no SFT loss mask can be derived from it; train with our "
                                  "ChatML (a tokenizer without chat_template) or adapt the template")
-            mask[len(before):len(after)] = [1] * (len(after) - len(before))
+            lo = _common_prefix(self.encode_chat(messages[:k], True), ids)
+            hi = _common_prefix(self.encode_chat(messages[:k + 1], False), ids)
+            mask[lo:hi] = [1] * (hi - lo)
         return ids, mask
 
     def _chatml(self, messages, add_generation_prompt):
@@ -623,6 +627,11 @@ class Tokenizer:
         }
         for name, content in [("tokenizer.json", self.to_hf_json()), ("tokenizer_config.json", config)]:
             (directory / name).write_text(json.dumps(content, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+def _common_prefix(a, b):
+    """Length of the longest common prefix: [1, 2, 3], [1, 2, 4] -> 2."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _alternation(strings):
