@@ -366,12 +366,16 @@ class InferenceEngine:
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, **kwargs):
         """Model (with its generation_config.json) and tokenizer from one model directory,
-        or a run directory's latest checkpoint."""
+        or a run directory's latest checkpoint. dtype None: float32 on CPU (bf16 matmuls
+        are slow on most CPUs; ask for bfloat16 to halve weights and KV cache), the
+        checkpoint's own dtype elsewhere."""
         import checkpoint
         import tokenizer as tokenizer_module
         from model import Transformer
 
         path = checkpoint.resolve(path)
+        if dtype is None and torch.device(device or "cpu").type == "cpu":
+            dtype = torch.float32
         return cls(Transformer.from_pretrained(path, device=device, dtype=dtype), tokenizer_module.load(path),
                    **kwargs)
 
@@ -384,8 +388,8 @@ class InferenceEngine:
         """One line: what the KV cache holds and its size."""
         n = self.cache.nbytes()
         dtype = str(self.cache.layers[0][0].dtype).removeprefix("torch.")
-        return (f"KV cache {n / 2**30:.2f} GiB ({n:,} bytes, {dtype}): {self.max_batch_size} slots x "
-                f"{self.max_seq_len} tokens")
+        size = f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+        return f"KV cache {size} ({n:,} bytes, {dtype}): {self.max_batch_size} slots x {self.max_seq_len} tokens"
 
     # -- submitting -------------------------------------------------------------
 
@@ -781,7 +785,7 @@ def main():
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: as stored in the checkpoint")
+                   help="default: float32 on CPU, as stored in the checkpoint on a GPU")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:

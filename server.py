@@ -510,7 +510,8 @@ def main():
     p.add_argument("--max-batch-size", type=int, default=16, help="KV slots: sequences decoded together")
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights and KV cache (default: float32 on CPU, as stored on a GPU); bfloat16 halves both")
     p.add_argument("--served-model-name", default=None, help="name in /v1/models (default: the directory name)")
     args = p.parse_args()
     model_dir = args.model or default_model_dir()

@@ -2,18 +2,19 @@
 
 Covers byte-level BPE as in GPT-2 (Sennrich et al. 2016 for BPE; Radford et al.
 2019 for running it on UTF-8 bytes, with `bytes_to_unicode` and the merge loop of
-GPT-2's encoder.py), a regex pre-tokenizer, special tokens, the ChatML chat
-template with an assistant-token mask for SFT, and incremental UTF-8-safe
-decoding for streaming. The training loop follows minbpe (Karpathy) but updates
+GPT-2's encoder.py), a regex pre-tokenizer, special tokens, chat templates (our
+ChatML, or a model's own Jinja template rendered as transformers renders it) with
+an assistant-token mask for SFT, and incremental UTF-8-safe decoding for streaming. The training loop follows minbpe (Karpathy) but updates
 pair counts incrementally, as the `tokenizers` BPE trainer does. Files are the
 `tokenizers` JSON format, so `tokenizers.Tokenizer.from_file` and
 `transformers.AutoTokenizer` read what we write, and we read byte-level BPE files
 they write (GPT-2, Llama-3, Qwen2 style) with identical ids.
 
-Leaves out: unk tokens and byte fallback (SentencePiece-style files such as
-Llama-2's), BPE dropout, normalizers other than Unicode NFC/NFKC/NFD/NFKD, the
-lstrip/rstrip/single_word flags of added tokens, and post-processors: we never
-add BOS/EOS implicitly.
+Leaves out: byte fallback (SentencePiece-style files such as Llama-2's), BPE
+dropout, normalizers other than Unicode NFC/NFKC/NFD/NFKD, the
+lstrip/rstrip/single_word flags of added tokens, post-processors (we never add
+BOS/EOS implicitly; chat templates write bos_token themselves), and the
+{% generation %} tag of some chat templates.
 
     tok = train(lines, vocab_size=4096)      # lines: an iterable of str
     ids = tok.encode("hello 世界")            # tok.decode(ids) == "hello 世界"

@@ -435,3 +435,27 @@ def test_path_mistakes_are_one_line(argv, message, tmp_path):
                        text=True, timeout=120)
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_template_error_is_a_400(hf_model_dir):
+    import http.client
+
+    from server import make_server
+
+    engine = InferenceEngine.from_pretrained(hf_model_dir, max_batch_size=1, max_seq_len=64)
+    engine.tokenizer.set_chat_template(MISTRAL, {"bos_token": "<s>", "eos_token": "</s>"})
+    server = make_server(engine, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=10)
+        body = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "max_tokens": 2}
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body))
+        r = conn.getresponse()
+        error = json.loads(r.read())["error"]
+        assert r.status == 400 and error["param"] == "messages", error
+        assert "roles must alternate" in error["message"]
+        conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        engine.close()
