@@ -60,6 +60,10 @@ import torch
 from tokenizer import StreamDecoder
 
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
+MAX_STOP_CHARS = 256  # per stop string: every token is checked against each stop's prefixes
+MAX_STOP_IDS = 1024  # stop_token_ids per request
+MIN_POSITIVE = torch.finfo(torch.float32).tiny  # 1.2e-38: smaller positive temperatures / top_p are 0 in float32
+INT64 = 1 << 63
 MAX_N = 64  # choices per request
 MAX_TOP_LOGPROBS = 20
 DEFAULTS_FROM_MODEL = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # generation_config.json
@@ -110,30 +114,41 @@ class SamplingParams:
     logprobs: bool = False  # per-token logprob of each sampled token
     top_logprobs: int = 0  # and this many best alternatives
     n: int = 1
+    stop_id_set: frozenset = field(init=False, repr=False, compare=False)  # stop_token_ids, for O(1) checks
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         _need(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
               f"must be an integer >= 1 (got {self.max_tokens!r})")
-        _need(_is_num(self.temperature) and 0 <= self.temperature <= 2, "temperature",
-              f"must be a number in [0, 2] (got {self.temperature!r}); use 0 for greedy decoding")
-        _need(_is_int(self.top_k) and self.top_k >= 0, "top_k",
-              f"must be an integer >= 0, 0 = off (got {self.top_k!r})")
-        _need(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be a number in (0, 1] (got {self.top_p!r})")
+        # Bounds are those of the float32 / int64 tensors the sampler builds: a positive
+        # value below float32's smallest would become 0 there and turn a row into NaNs.
+        t = self.temperature
+        _need(_is_num(t) and (t == 0 or MIN_POSITIVE <= t <= 2), "temperature",
+              f"must be 0 (greedy) or a number in [{MIN_POSITIVE:.3g}, 2] (got {t!r})")
+        _need(_is_int(self.top_k) and 0 <= self.top_k < INT64, "top_k",
+              f"must be an integer in [0, 2**63), 0 = off (got {self.top_k!r})")
+        _need(_is_num(self.top_p) and MIN_POSITIVE <= self.top_p <= 1, "top_p",
+              f"must be a number in [{MIN_POSITIVE:.3g}, 1] (got {self.top_p!r})")
         _need(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be a number in [0, 1] (got {self.min_p!r})")
-        _need(_is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
-              f"must be a number > 0, 1 = off (got {self.repetition_penalty!r})")
+        # Past 100 a seen token's logit is pushed to about 0 or -inf either way; the bound
+        # keeps float32 logits finite (logit / 0.01 stays far from 3.4e38).
+        _need(_is_num(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 100, "repetition_penalty",
+              f"must be a number in [0.01, 100], 1 = off (got {self.repetition_penalty!r})")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _need(_is_num(value) and -2 <= value <= 2, name, f"must be a number in [-2, 2] (got {value!r})")
-        _need(self.seed is None or _is_int(self.seed), "seed", f"must be an integer (got {self.seed!r})")
+        _need(self.seed is None or (_is_int(self.seed) and -INT64 <= self.seed < INT64), "seed",
+              f"must be a 64-bit integer (got {self.seed!r:.40})")
         _need(isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop), "stop",
-              f"must be a non-empty string or a list of them (got {self.stop!r})")
+              f"must be a non-empty string or a list of them (got {self.stop!r:.60})")
         _need(len(self.stop) <= MAX_STOP, "stop", f"at most {MAX_STOP} stop strings (got {len(self.stop)})")
+        _need(all(len(s) <= MAX_STOP_CHARS for s in self.stop), "stop",
+              f"each stop string may have at most {MAX_STOP_CHARS} characters")
         ids = self.stop_token_ids
-        _need(isinstance(ids, (list, tuple)) and all(_is_int(i) and i >= 0 for i in ids), "stop_token_ids",
-              f"must be a list of token ids (got {ids!r})")
+        _need(isinstance(ids, (list, tuple)) and all(_is_int(i) and 0 <= i < INT64 for i in ids), "stop_token_ids",
+              f"must be a list of token ids (got {ids!r:.60})")
+        _need(len(ids) <= MAX_STOP_IDS, "stop_token_ids", f"at most {MAX_STOP_IDS} ids (got {len(ids)})")
         _need(isinstance(self.ignore_eos, bool), "ignore_eos", "must be true or false")
         _need(isinstance(self.logprobs, bool), "logprobs", "must be true or false")
         _need(_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
@@ -141,6 +156,7 @@ class SamplingParams:
         _need(self.logprobs or not self.top_logprobs, "top_logprobs", "needs logprobs=true")
         _need(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"must be an integer in [1, {MAX_N}] (got {self.n!r})")
         self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
+        self.stop_id_set = frozenset(self.stop_token_ids)
 
 
 # -----------------------------------------------------------------------------
@@ -171,6 +187,7 @@ def filter_logits(logits, top_k, top_p, min_p):
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly better-ranked tokens
     drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)  # < 1: cumsum rounding must not cut the tail
     drop |= probs < min_p[:, None] * probs[:, :1]  # a ratio, so renormalising after top-k does not change it
+    drop[:, 0] = False  # whatever the settings, the best token survives
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
@@ -398,6 +415,9 @@ class InferenceEngine:
         token ids). Raises RequestError at once if it cannot run as asked."""
         params = params or self.sampling_params()
         ids = self._prompt_ids(prompt)
+        V = self.model.config.vocab_size
+        bad = next((i for i in params.stop_token_ids if i >= V), None)
+        _need(bad is None, "stop_token_ids", f"token id {bad} is outside the vocabulary [0, {V})")
         request = Request(self, ids, params, self._max_tokens(len(ids), params))
         sequences = [_Sequence(request, i, self.tokenizer) for i in range(params.n)]
         with self._cv:
@@ -512,26 +532,51 @@ class InferenceEngine:
     def _step(self):
         self._drop_aborted()
         self._admit()
-        decoding = [s for s in self._running if s.tokens]
+        decoding = [s for s in self._running if s.tokens]  # (B, 1) inputs: every sequence past its prompt
         if decoding:
-            t0 = time.perf_counter()
-            logits = self._forward(decoding, [[s.tokens[-1]] for s in decoding],
-                                   [len(s.prompt) + len(s.tokens) - 1 for s in decoding], [True] * len(decoding))
-            self._sample_and_advance(decoding, logits)
-            self._perf["decode"].append((len(decoding), time.perf_counter() - t0))
+            self._isolated(self._decode, decoding)
         rows = self._plan_prefill()
         if rows:
-            t0 = time.perf_counter()
-            seqs = [s for s, _ in rows]
-            chunks = [s.prompt[s.cached:s.cached + c] for s, c in rows]
-            done = [s.cached + c == len(s.prompt) for s, c in rows]
-            logits = self._forward(seqs, chunks, [s.cached for s in seqs], done)
-            for s, c in rows:
-                s.cached += c
-            if any(done):
-                self._sample_and_advance([s for s, d in zip(seqs, done) if d], logits)
-            self._perf["prefill"].append((sum(c for _, c in rows), time.perf_counter() - t0))
+            self._isolated(self._prefill, rows)
         self._running = [s for s in self._running if s.slot is not None]
+
+    def _isolated(self, phase, rows):
+        """phase(rows); if it raises, each row again alone, so that only the rows that fail
+        by themselves fail (their requests get the error) and the rest go on. A phase
+        changes nothing before its draws but cache entries it rewrites identically, so a
+        retried row's output is the same as if the batch had never failed."""
+        try:
+            phase(rows)
+        except Exception as e:
+            if len(rows) == 1:
+                seq = rows[0][0] if isinstance(rows[0], tuple) else rows[0]
+                print(f"engine: {seq.request.id} failed: {e!r}", file=sys.stderr)
+                return self._fail_request(seq.request, e)
+            for row in rows:
+                self._isolated(phase, [row])
+
+    def _decode(self, seqs):
+        """One new token for each sequence past its prompt: (B, 1) through the model."""
+        t0 = time.perf_counter()
+        logits = self._forward(seqs, [[s.tokens[-1]] for s in seqs],
+                               [len(s.prompt) + len(s.tokens) - 1 for s in seqs], [True] * len(seqs))
+        self._sample_and_advance(seqs, logits)
+        self._perf["decode"].append((len(seqs), time.perf_counter() - t0))
+
+    def _prefill(self, rows):
+        """The next chunk of each [(sequence, chunk length)]; a sequence whose prompt is
+        then complete samples its first token."""
+        t0 = time.perf_counter()
+        seqs = [s for s, _ in rows]
+        chunks = [s.prompt[s.cached:s.cached + c] for s, c in rows]
+        done = [s.cached + c == len(s.prompt) for s, c in rows]
+        logits = self._forward(seqs, chunks, [s.cached for s in seqs], done)
+        tokens, lps = self._sample([s for s, d in zip(seqs, done) if d], logits) if any(done) else ([], [])
+        for s, c in rows:  # only now: a retry of this phase must start from the same place
+            s.cached += c
+        if any(done):
+            self._advance_all([s for s, d in zip(seqs, done) if d], tokens, lps)
+        self._perf["prefill"].append((sum(c for _, c in rows), time.perf_counter() - t0))
 
     def _drop_aborted(self):
         with self._cv:
@@ -572,7 +617,7 @@ class InferenceEngine:
         budget = self.max_prefill_tokens
         for s in self._running:
             todo = len(s.prompt) - s.cached
-            if todo == 0:
+            if todo == 0 or s.slot is None:
                 continue
             for c in (min(todo, budget), min(todo, T)):  # as much as fits, else no longer than the others
                 T_new = max(T, c)
@@ -599,7 +644,11 @@ class InferenceEngine:
         return self.model.lm_head(h).float()  # (B', V)
 
     def _sample(self, seqs, logits):
-        """One token per row (B,) and, for rows that asked, its TokenLogprob."""
+        """One token per row (B,) and, for rows that asked, its TokenLogprob.
+
+        Every row's distribution is checked before the first draw: a row that is not
+        a distribution (NaN, or nothing left after filtering) raises here, before any
+        generator has moved, so _isolated can rerun the rows alone and fail only it."""
         dev, B = self.device, len(seqs)
         P = [s.params for s in seqs]
         def col(name, dtype=torch.float32):  # one setting for every row: (B,)
@@ -611,12 +660,21 @@ class InferenceEngine:
             logits = apply_penalties(logits, self._seen[slots], self._counts[slots], col("repetition_penalty"),
                                      col("presence_penalty"), col("frequency_penalty"))
         tokens = logits.argmax(dim=-1)  # (B,): greedy rows keep this
+        ok = ~logits.isnan().any(dim=-1) & (logits > float("-inf")).any(dim=-1)  # (B,)
         hot = [b for b in range(B) if P[b].temperature > 0]
         if hot:
-            x = logits[hot] / col("temperature")[hot, None]  # (B', V)
+            x = logits[hot]
+            # Subtract the max before dividing: any temperature > 0 then gives a finite
+            # distribution (the best token at 0, the rest <= 0), where x / 1e-30 overflows.
+            x = (x - x.max(dim=-1, keepdim=True).values) / col("temperature")[hot, None]  # (B', V)
             if any(P[b].top_k or P[b].top_p < 1 or P[b].min_p for b in hot):
                 x = filter_logits(x, col("top_k", torch.long)[hot], col("top_p")[hot], col("min_p")[hot])
             probs = x.softmax(dim=-1)
+            ok[hot] &= probs.isfinite().all(dim=-1) & (probs.sum(dim=-1) > 0)
+        if not bool(ok.all()):
+            bad = [seqs[b].request.id for b in range(B) if not ok[b]]
+            raise ValueError(f"no valid sampling distribution for {', '.join(bad)} (NaN or empty after filters)")
+        if hot:
             draws = [torch.multinomial(probs[i], 1, generator=seqs[b].generator) for i, b in enumerate(hot)]
             tokens[hot] = torch.cat(draws)
         lps = [None] * B
@@ -631,12 +689,21 @@ class InferenceEngine:
         return tokens, lps
 
     def _sample_and_advance(self, seqs, logits):
-        tokens, lps = self._sample(seqs, logits)
+        self._advance_all(seqs, *self._sample(seqs, logits))
+
+    def _advance_all(self, seqs, tokens, lps):
+        """Record the sampled tokens; a failure while advancing one row fails only its request."""
         slots = torch.tensor([s.slot for s in seqs], device=self.device)
         self._seen[slots, tokens] = True  # slots are distinct, so no index repeats
         self._counts[slots, tokens] += 1
         for seq, token, lp in zip(seqs, tokens.tolist(), lps):
-            self._advance(seq, token, lp)
+            if seq.slot is None:
+                continue  # another choice of its request failed just now
+            try:
+                self._advance(seq, token, lp)
+            except Exception as e:
+                print(f"engine: {seq.request.id} failed: {e!r}", file=sys.stderr)
+                self._fail_request(seq.request, e)
 
     def _advance(self, seq, token, lp):
         """Append one sampled token: decode it, check stops and limits, push new text."""
@@ -651,7 +718,7 @@ class InferenceEngine:
             seq.unsent_logprobs.append(lp)
         self._counters["tokens_generated"] += 1
         reason = None
-        if (token in self.stop_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        if (token in self.stop_ids and not p.ignore_eos) or token in p.stop_id_set:
             reason = "stop"  # the token is in token_ids, its text is not
         else:
             start = len(seq.text)
@@ -690,14 +757,19 @@ class InferenceEngine:
             self._counters["requests_aborted" if request.aborted else "requests_finished"] += 1
             request._done.set()
 
-    def _fail_running(self, error):
+    def _fail_request(self, request, error):
+        """Free the slots of every running choice of the request and fail it with error."""
         for seq in self._running:
-            if seq.slot is not None:
+            if seq.request is request and seq.slot is not None:
                 self._free.append(seq.slot)
                 seq.slot = None
-            if not seq.request._done.is_set():
-                self._counters["requests_failed"] += 1
-                seq.request._fail(error)
+        if not request._done.is_set():
+            self._counters["requests_failed"] += 1
+            request._fail(error)
+
+    def _fail_running(self, error):
+        for seq in self._running:
+            self._fail_request(seq.request, error)
         self._running = []
 
 

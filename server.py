@@ -2,6 +2,7 @@
 
     python server.py                                   # newest checkpoint of the newest run: runs/*/latest
     python server.py --model DIR --port 8000 --api-key $KEY --max-batch-size 16
+    python server.py --timeout 30 --max-connections 256           # per read/write seconds; 503 past the cap
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
@@ -24,11 +25,14 @@ we do not know are ignored and any model name is accepted. Besides OpenAI's
 sampling fields a request may carry top_k, min_p, repetition_penalty,
 ignore_eos and stop_token_ids (as vLLM accepts them).
 
-Each HTTP request runs in its own thread (ThreadingHTTPServer) and waits on
-its engine request, checking the socket every POLL_S: a client that goes
-away has its request aborted, which frees the KV slot. Handlers never touch
-tensors. SIGINT / SIGTERM: stop accepting, give running requests GRACE_S to
-finish, abort the rest, exit.
+Each connection runs in its own thread (ThreadingHTTPServer), up to
+--max-connections (the next ones get a quick 503), and each request waits
+on its engine request, checking the socket every POLL_S: a client that goes
+away has its request aborted, which frees the KV slot. Every read and write
+has a --timeout, so stalled clients and streams nobody reads end too.
+Content-Length is parsed strictly (RFC 9112 section 6.3) and no JSON error
+is a 500. Handlers never touch tensors. SIGINT / SIGTERM: stop accepting,
+give running requests GRACE_S to finish, abort the rest, exit.
 
 Left out: tools / function calling, images, response_format, `echo`,
 `best_of`, batched prompts in /v1/completions, HTTPS (put a reverse proxy in
@@ -36,6 +40,7 @@ front), rate limits.
 """
 
 import argparse
+import errno
 import glob
 import hmac
 import json
@@ -52,6 +57,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 MAX_BODY = 1 << 20  # bytes; a 128k-token prompt is well under this
+TIMEOUT_S = 30.0  # default --timeout: each read of a request and each write of a response
+MAX_CONNECTIONS = 256  # default --max-connections: one thread each; past it, a quick 503
+BACKLOG = 1024  # connections the kernel queues before accept(): a burst of new clients waits, not resets
 POLL_S = 0.2  # how often a waiting handler checks that its client is still connected
 GRACE_S = 2.5  # on SIGTERM, how long running requests may finish before they are aborted
 ROUTES = {"/health": "GET", "/v1/models": "GET", "/stats": "GET", "/v1/chat/completions": "POST",
@@ -63,9 +71,10 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 # Errors and request parsing (JSON in, engine arguments out)
 
 class APIError(Exception):
-    def __init__(self, status, message, param=None, code=None, type="invalid_request_error"):
+    def __init__(self, status, message, param=None, code=None, type="invalid_request_error", headers=None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}
 
     def body(self):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -127,6 +136,25 @@ def sampling_params(body, engine, chat):
         raise APIError(400, f"n: {params.n} is more than this server runs at once; ask for at most "
                        f"{engine.max_batch_size} (--max-batch-size)", "n")
     return params
+
+
+def content_length(values):
+    """The body size from the Content-Length header(s). Repeated or listed values must
+    agree (RFC 9112 section 6.3: otherwise the message is invalid, and a proxy that read
+    the other value would see a second, smuggled request in the rest of the body)."""
+    if not values:
+        raise APIError(411, "a POST needs a Content-Length header")
+    found = {v.strip() for value in values for v in value.split(",")}
+    if len(found) != 1:
+        raise APIError(400, f"conflicting Content-Length headers {sorted(found)}; send one")
+    length = found.pop()
+    if not (length.isascii() and length.isdigit()):  # "²".isdigit() is True, int("²") is not
+        raise APIError(400, f"Content-Length {length[:20]!r} is not a non-negative decimal integer")
+    digits = length.lstrip("0") or "0"
+    if len(digits) > len(str(MAX_BODY)) or int(digits) > MAX_BODY:  # never int() 5,000 digits
+        raise APIError(413, f"the body is {digits[:20]}{'...' if len(digits) > 20 else ''} bytes; "
+                       f"the limit is {MAX_BODY}")
+    return int(digits)
 
 
 def stream_flags(body):
@@ -194,18 +222,23 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.log_requests:
             super().log_message(format, *args)
 
+    def setup(self):
+        self.timeout = self.server.timeout  # every read and write of this connection; None: wait forever
+        super().setup()
+
     def _dispatch(self):
-        self._streaming = False
+        self._streaming, self._chunked = False, self.request_version == "HTTP/1.1"
         self.server.busy(+1)
         try:
             path = urlsplit(self.path).path.rstrip("/") or "/"
+            if path == "/health" and self.command in ("GET", "HEAD"):
+                return self._health()
+            self._check_key()  # before routing: without the key, no route is revealed
             if path not in ROUTES:
                 raise APIError(404, f"no endpoint {path}; try {', '.join(ROUTES)}", code="not_found")
             if self.command != ROUTES[path]:
-                raise APIError(405, f"{path} takes {ROUTES[path]}, not {self.command}", code="method_not_allowed")
-            if path == "/health":
-                return self._health()
-            self._check_key()
+                raise APIError(405, f"{path} takes {ROUTES[path]}, not {self.command}", code="method_not_allowed",
+                               headers={"Allow": ROUTES[path]})
             if self.server.stopping:
                 raise APIError(503, "the server is shutting down", type="server_error")
             if self.server.engine is None:
@@ -214,9 +247,7 @@ class Handler(BaseHTTPRequestHandler):
             body = self._read_json() if self.command == "POST" else None
             {"/v1/models": self._models, "/stats": self._stats, "/v1/chat/completions": self._chat,
              "/v1/completions": self._completions, "/generate": self._generate}[path](body)
-        except ClientGone:
-            self.close_connection = True
-        except (BrokenPipeError, ConnectionResetError):
+        except (ClientGone, ConnectionError, TimeoutError):  # gone, or too slow to read or write (--timeout)
             self.close_connection = True
         except APIError as e:
             self._send_error(e)
@@ -232,38 +263,35 @@ class Handler(BaseHTTPRequestHandler):
         key = self.server.api_key
         if key is None:
             return
-        auth = self.headers.get("Authorization", "")
-        given = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
-        if not hmac.compare_digest(given.encode(), key.encode()):
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        given = given.strip() if scheme.lower() == "bearer" else ""  # the scheme is case-insensitive (RFC 9110)
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), key.encode()):
             raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' with "
                            "the key the server was started with (--api-key)", code="invalid_api_key")
 
     def _read_json(self):
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        if self.headers.get("Transfer-Encoding") is not None:
             raise APIError(411, "send the body with a Content-Length header; chunked uploads are not supported")
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise APIError(411, "a POST needs a Content-Length header")
-        if not length.isdigit():
-            raise APIError(400, f"Content-Length {length!r} is not a non-negative integer")
-        if int(length) > MAX_BODY:
-            raise APIError(413, f"the body is {int(length)} bytes; the limit is {MAX_BODY}")
-        raw = self.rfile.read(int(length))
+        raw = self.rfile.read(content_length(self.headers.get_all("Content-Length")))
         try:
             body = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
             raise APIError(400, f"the body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        except json.JSONDecodeError as e:
+        except RecursionError:
+            raise APIError(400, "the body is not acceptable JSON: nested too deeply") from None
+        except ValueError as e:  # JSONDecodeError, and integers past Python's int-string limit
             raise APIError(400, f"the body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise APIError(400, f"the body must be a JSON object, not {type(body).__name__}")
         return body
 
-    def _send_json(self, status, obj, close=False):
+    def _send_json(self, status, obj, close=False, headers=None):
         data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         if close:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -274,25 +302,35 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if self._streaming:  # headers are out: report in the stream, which the client raises as APIError
                 self._event(e.body())
-                self._event("[DONE]")
-                self.wfile.write(b"0\r\n\r\n")
+                self._end_stream()
             else:  # close: a body we refused to read must not be parsed as the next request
-                self._send_json(e.status, e.body(), close=True)
+                self._send_json(e.status, e.body(), close=True, headers=e.headers)
         except OSError:
             pass
         self.close_connection = True
 
     def _start_stream(self):
+        """SSE headers. HTTP/1.1: chunked, so the connection stays open. HTTP/1.0 clients
+        cannot read chunks: the body is sent as it is and ends when we close."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self._streaming = True
 
     def _event(self, obj):
         data = ("data: " + (obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)) + "\n\n").encode()
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+
+    def _end_stream(self):
+        self._event("[DONE]")
+        if self._chunked:
+            self.wfile.write(b"0\r\n\r\n")
 
     def _client_gone(self):
         """True once the peer has closed: the socket reads as ready but yields no bytes."""
@@ -401,8 +439,7 @@ class Handler(BaseHTTPRequestHandler):
                                                                    delta=True)], **extra})
             if include_usage:
                 self._event({**head, "choices": [], "usage": request.result().usage})
-            self._event("[DONE]")
-            self.wfile.write(b"0\r\n\r\n")
+            self._end_stream()
         finally:
             request.abort()  # a no-op once finished; frees the slot if the client went away
 
@@ -412,26 +449,80 @@ class Handler(BaseHTTPRequestHandler):
 
 class Server(ThreadingHTTPServer):
     """One daemon thread per connection, as ThreadingHTTPServer, but it keeps track of
-    them so server_close() can end them: an idle keep-alive handler left running holds
-    the engine's tensors into interpreter exit, and freeing them there aborts the process."""
+    them so server_close() can end them (an idle keep-alive handler left running holds
+    the engine's tensors into interpreter exit, and freeing them there aborts the
+    process), caps them at max_connections (the next ones get a quick 503), and has
+    a listen backlog sized for bursts (Python's default of 5 resets the rest)."""
 
-    def __init__(self, address, engine, api_key=None, model_name="astrai", log_requests=False):
+    request_queue_size = BACKLOG
+
+    def __init__(self, address, engine, api_key=None, model_name="astrai", log_requests=False, timeout=TIMEOUT_S,
+                 max_connections=MAX_CONNECTIONS):
         super().__init__(address, Handler)
         self.engine, self.api_key, self.model_name = engine, api_key, model_name
         self.log_requests, self.stopping, self.created = log_requests, False, int(time.time())
+        self.timeout, self.max_connections = timeout, max_connections  # timeout: per read / write, seconds
         self._lock = threading.Lock()
         self._handlers = {}  # open connection -> its thread
+        self._rejecting = 0  # connections being answered 503
         self._busy = 0  # handlers inside a request, rather than waiting for the next one
 
     def busy(self, change):
         with self._lock:
             self._busy += change
 
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as e:  # out of file descriptors: back off instead of spinning on accept()
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                time.sleep(0.05)
+            raise
+
     def process_request(self, request, client_address):
-        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address), daemon=True)
         with self._lock:
-            self._handlers[request] = thread
-        thread.start()
+            full = len(self._handlers) >= self.max_connections
+            if not full:
+                thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                          daemon=True)
+                self._handlers[request] = thread
+            elif self._rejecting < self.max_connections:
+                self._rejecting += 1
+                thread = threading.Thread(target=self._reject, args=(request,), daemon=True)
+            else:  # a flood: not even a 503
+                thread = None
+        if thread is None:
+            request.close()
+        else:
+            thread.start()
+
+    def _reject(self, connection):
+        """503 + Retry-After for a connection past max_connections. The request is read
+        first (briefly): closing a socket with unread bytes resets it, and the client
+        would see the reset instead of the answer."""
+        body = json.dumps(APIError(503, f"the server has {self.max_connections} connections open "
+                                   "(--max-connections); retry shortly", type="server_error",
+                                   code="too_many_connections").body()).encode()
+        try:
+            connection.settimeout(1.0)
+            received = b""
+            while b"\r\n\r\n" not in received and len(received) < 65536:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+            connection.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                               b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                               % (len(body), body))
+            connection.shutdown(socket.SHUT_WR)
+            while connection.recv(65536):  # until the client closes (or the timeout)
+                pass
+        except OSError:
+            pass
+        finally:
+            connection.close()
+            with self._lock:
+                self._rejecting -= 1
 
     def shutdown_request(self, request):
         with self._lock:
@@ -460,11 +551,12 @@ class Server(ThreadingHTTPServer):
             thread.join(max(0.1, deadline - time.monotonic()))
 
 
-def make_server(engine, host="127.0.0.1", port=8000, api_key=None, model_name="astrai", log_requests=False):
+def make_server(engine, host="127.0.0.1", port=8000, api_key=None, model_name="astrai", log_requests=False,
+                timeout=TIMEOUT_S, max_connections=MAX_CONNECTIONS):
     """A Server bound to (host, port), not yet serving: run server.serve_forever() in a
     thread. port=0 picks a free port (server.server_port). engine None answers 503
     until it is set."""
-    return Server((host, port), engine, api_key or None, model_name, log_requests)
+    return Server((host, port), engine, api_key or None, model_name, log_requests, timeout, max_connections)
 
 
 def default_model_dir(root="runs"):
@@ -499,6 +591,21 @@ def shutdown(server, grace=GRACE_S):
     server.server_close(timeout=1.0)  # ...and finish; idle keep-alive connections are closed
 
 
+def _raise_open_files_limit(connections):
+    """Two descriptors per connection at worst (a handler's and a rejected one's), plus
+    the model's files: lift the soft limit toward the hard one if it is lower (Linux's
+    default soft limit of 1,024 runs out at about a thousand stalled clients)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 2 * connections + 256
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard),
+                                                        hard))
+    except (ImportError, ValueError, OSError):
+        pass  # not on this platform, or not allowed: the cap still bounds what we use
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model directory or run directory "
@@ -513,10 +620,19 @@ def main():
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights and KV cache (default: float32 on CPU, as stored on a GPU); bfloat16 halves both")
     p.add_argument("--served-model-name", default=None, help="name in /v1/models (default: the directory name)")
+    p.add_argument("--timeout", type=float, default=TIMEOUT_S,
+                   help="seconds a client may take over each read of its request and each write of the response; "
+                   "a stream whose client stops reading is aborted after it (default %(default)s)")
+    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                   help="open connections served at once; more get 503 + Retry-After (default %(default)s)")
     args = p.parse_args()
+    if args.timeout <= 0 or args.max_connections < 1:
+        raise SystemExit("error: --timeout must be > 0 and --max-connections >= 1")
+    _raise_open_files_limit(args.max_connections)
     model_dir = args.model or default_model_dir()
     name = args.served_model_name or os.path.basename(os.path.normpath(model_dir))
-    server = make_server(None, args.host, args.port, args.api_key, name, log_requests=True)
+    server = make_server(None, args.host, args.port, args.api_key, name, log_requests=True, timeout=args.timeout,
+                         max_connections=args.max_connections)
     threading.Thread(target=server.serve_forever, args=(0.1,), name="http", daemon=True).start()
     print(f"serving {model_dir} as {name!r} on http://{args.host}:{server.server_port} "
           f"(key {'required' if args.api_key else 'not required'}); loading...", flush=True)

@@ -345,3 +345,51 @@ def test_exiting_mid_generation_without_close_is_clean():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "terminate" not in r.stderr, (r.returncode, r.stderr[-2000:])
+
+
+def test_a_failing_row_fails_alone_and_the_rest_are_unchanged(make_engine, model, tok):
+    """Rows that break the batch step (a forward that raises on one prompt, a NaN
+    sampling setting) fail their own requests only; the others, in the same batches,
+    produce exactly what they produce alone."""
+    poison = tok.encode(" 世界")[-1]
+    real = model.hidden_states
+
+    def poisoned(ids, *args, **kw):
+        if (ids == poison).any():
+            raise RuntimeError("simulated kernel fault on this row")
+        return real(ids, *args, **kw)
+    engine = make_engine(max_batch_size=6, max_prefill_tokens=64)
+    engine.model = SimpleNamespace(hidden_states=poisoned, lm_head=model.lm_head, config=model.config)
+    prompts = [tok.encode(t) for t in ("the cat", "hello world", "on the mat", "data model")]
+    greedy_refs = [generate_reference(model, p, 10) for p in prompts[:3]]
+    seeded = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
+    seeded_ref = make_engine().submit(prompts[3], seeded).result().token_ids
+    nan = SamplingParams(max_tokens=10, temperature=0.9, seed=1, ignore_eos=True)
+    nan.repetition_penalty = float("nan")  # past validation: a row whose logits turn NaN
+
+    innocents = [engine.submit(p, greedy(10)) for p in prompts[:3]] + [engine.submit(prompts[3], seeded)]
+    bad_forward = engine.submit(tok.encode("the cat 世界"), greedy(10))
+    bad_sampling = engine.submit(prompts[0], nan)
+    with pytest.raises(EngineError, match="simulated kernel fault"):
+        bad_forward.result(timeout=10)
+    with pytest.raises(EngineError, match="no valid sampling distribution"):
+        bad_sampling.result(timeout=10)
+    assert [r.result(timeout=10).token_ids for r in innocents] == greedy_refs + [seeded_ref]
+    s = engine.stats()
+    assert (s["requests_failed"], s["requests_finished"], s["free_slots"]) == (2, 4, 6)
+
+
+def test_tiny_temperatures_and_extreme_penalties_stay_finite(make_engine, tok):
+    """Bounds of float32: the smallest temperature samples the argmax; the largest
+    repetition penalty still leaves a distribution."""
+    engine = make_engine()
+    prompt = tok.encode("the cat sat")
+    want = engine.submit(prompt, greedy(8)).result().token_ids
+    cold = SamplingParams(max_tokens=8, temperature=torch.finfo(torch.float32).tiny, seed=3, ignore_eos=True)
+    assert engine.submit(prompt, cold).result().token_ids == want
+    harsh = SamplingParams(max_tokens=8, temperature=1.0, repetition_penalty=100, top_p=1e-30, seed=3,
+                           ignore_eos=True)
+    assert len(engine.submit(prompt, harsh).result().token_ids) == 8
+    for bad in ({"repetition_penalty": float("inf")}, {"temperature": float("nan")}, {"top_k": 2**63}):
+        with pytest.raises(RequestError):
+            SamplingParams(**bad)

@@ -147,9 +147,19 @@ def test_completions_models_generate_stats_logprobs(client, served, tok):
     ({"messages": ["hi"]}, "messages[0]", "object"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "wizard"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "string"),
-    ({"temperature": 2.5}, "temperature", "[0, 2]"),
-    ({"top_p": 0}, "top_p", "(0, 1]"),
-    ({"top_p": 1.5}, "top_p", "(0, 1]"),
+    ({"temperature": 2.5}, "temperature", "1.18e-38, 2]"),
+    ({"top_p": 0}, "top_p", "1.18e-38, 1]"),
+    ({"top_p": 1.5}, "top_p", "1.18e-38, 1]"),
+    # values the sampler's float32 / int64 tensors cannot hold: once a 500 for the whole batch
+    ({"temperature": 1e-300}, "temperature", "1.18e-38, 2]"),
+    ({"temperature": 1e-46}, "temperature", "1.18e-38, 2]"),
+    ({"top_p": 1e-300}, "top_p", "1.18e-38, 1]"),
+    ({"extra_body": {"top_k": 2**63}}, "top_k", "[0, 2**63)"),
+    ({"extra_body": {"repetition_penalty": 1e-300}}, "repetition_penalty", "[0.01, 100]"),
+    ({"seed": 2**64}, "seed", "64-bit"),
+    ({"extra_body": {"stop_token_ids": [5] * 145_000}}, "stop_token_ids", "at most 1024"),
+    ({"extra_body": {"stop_token_ids": [10**6]}}, "stop_token_ids", "outside the vocabulary"),
+    ({"stop": ["x" * 300]}, "stop", "at most 256 characters"),
     ({"max_tokens": 0}, "max_tokens", ">= 1"),
     ({"max_tokens": 10_000}, "max_tokens", "more than the context allows"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
@@ -207,7 +217,7 @@ def test_auth_not_found_and_raw_protocol_errors(served):
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]})]:
         status, err = raw(port, "POST", path, json.dumps(body))
         assert status == 400 and "surrogate" in err["error"]["message"], (path, err)
-    assert raw(port, "POST", "/v1/completions", json.dumps({"prompt": "hi", "seed": 2**70, "max_tokens": 2}))[0] == 200
+    assert raw(port, "POST", "/v1/completions", json.dumps({"prompt": "hi", "seed": -2**63, "max_tokens": 2}))[0] == 200
     # after all of that, the server still answers
     assert raw(port, "POST", "/v1/chat/completions", json.dumps(
         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "unknown_field": [1]}))[0] == 200
@@ -320,3 +330,162 @@ def test_sigterm_exits_within_5_seconds(tmp_path, tok):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -----------------------------------------------------------------------------
+# Unfriendly clients: framing, JSON bombs, bursts, stalls (raw sockets, 127.0.0.1 only)
+
+def exchange(port, data, timeout=10.0):
+    """Send raw bytes; everything the server sends until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def request_bytes(method, path, body=b"", headers=(), version="HTTP/1.1"):
+    lines = [f"{method} {path} {version}", "Host: x", f"Authorization: Bearer {KEY}", "Connection: close", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def status_of(response):
+    return int(response.split(b" ", 2)[1])
+
+
+@pytest.fixture
+def side_server(served):
+    """make_server(**kw) over the shared engine, closed after the test."""
+    servers = []
+
+    def make(**kw):
+        servers.append(make_server(served.engine, "127.0.0.1", 0, api_key=KEY, **kw))
+        threading.Thread(target=servers[-1].serve_forever, args=(0.05,), daemon=True).start()
+        return servers[-1].server_port
+    yield make
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def test_content_length_framing(served):
+    body = json.dumps({"prompt": "hi", "max_tokens": 1}).encode()
+    post = lambda *h, b=body: exchange(served.port, request_bytes("POST", "/v1/completions", b, h))  # noqa: E731
+    assert status_of(post("Content-Length: \xb2")) == 400  # "²".isdigit() is True
+    assert status_of(post("Content-Length: " + "9" * 5000)) == 413  # past int()'s 4,300-digit limit
+    assert status_of(post("Content-Length: 0000" + str(len(body)))) == 200
+    assert status_of(post(f"Content-Length: {len(body)}", f"Content-Length: {len(body)}")) == 200  # repeated, equal
+    # Two lengths that disagree: 400, and the bytes past the first length are not served as a second request.
+    smuggled = request_bytes("GET", "/v1/models")
+    out = post(f"Content-Length: {len(body)}", f"Content-Length: {len(body) + len(smuggled)}", b=body + smuggled)
+    assert status_of(out) == 400 and out.count(b"HTTP/1.1 ") == 1 and b"conflicting Content-Length" in out
+
+
+def test_json_bombs_are_400s(served):
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, err = raw(served.port, "POST", "/v1/completions", deep)
+    assert status == 400 and "nested too deeply" in err["error"]["message"]
+    status, err = raw(served.port, "POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": ' + b"7" * 5000 + b"}")
+    assert status == 400 and "not valid JSON" in err["error"]["message"]
+    status, err = raw(served.port, "POST", "/v1/chat/completions",
+                      b'{"messages": [{"role": "user", "content": "hi"}], "extra_body": 1, "repetition_penalty": Infinity}')
+    assert status == 400 and err["error"]["param"] == "repetition_penalty"
+
+
+def test_stream_over_http_1_0_is_not_chunked(served, client):
+    want = client.completions.create(model="m", prompt="the cat", max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text
+    body = json.dumps({"prompt": "the cat", "max_tokens": 8, "temperature": 0, "ignore_eos": True, "stream": True})
+    out = exchange(served.port, request_bytes("POST", "/v1/completions", body.encode(),
+                                              [f"Content-Length: {len(body)}"], version="HTTP/1.0"))
+    head, _, payload = out.partition(b"\r\n\r\n")
+    assert status_of(head) == 200 and b"transfer-encoding" not in head.lower()
+    events = [e.removeprefix(b"data: ") for e in payload.split(b"\n\n") if e]
+    assert events[-1] == b"[DONE]"
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == want
+
+
+def test_auth_scheme_is_case_insensitive_and_checked_before_routing(served):
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        assert raw(served.port, "GET", "/v1/models", headers={"Authorization": f"{scheme} {KEY}"}, auth=False)[0] == 200
+    assert raw(served.port, "GET", "/nope", auth=False)[0] == 401  # no route is revealed without the key
+    assert raw(served.port, "DELETE", "/v1/models", auth=False)[0] == 401
+    out = exchange(served.port, request_bytes("DELETE", "/v1/models"))
+    assert status_of(out) == 405 and b"\r\nAllow: GET\r\n" in out
+
+
+def test_a_burst_of_200_new_connections_is_answered(served):
+    barrier = threading.Barrier(200)
+
+    def one(_):
+        barrier.wait()
+        return status_of(exchange(served.port, request_bytes("GET", "/v1/models"), timeout=30))
+    with concurrent.futures.ThreadPoolExecutor(200) as pool:
+        assert list(pool.map(one, range(200))) == [200] * 200
+
+
+def test_stalled_connections_are_closed_within_the_timeout(side_server):
+    port = side_server(timeout=1.0, max_connections=400)
+    stalled = []
+    for _ in range(300):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Le")  # and then nothing
+        stalled.append(s)
+    t0 = time.monotonic()
+    assert raw(port, "GET", "/health")[0] == 200  # the server still answers meanwhile
+    try:
+        for s in stalled:
+            assert s.recv(1) == b""  # closed by the server
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        for s in stalled:
+            s.close()
+
+
+def test_past_max_connections_a_quick_503(side_server):
+    port = side_server(timeout=5.0, max_connections=3)
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+    try:
+        for s in held:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive: the connection stays open
+            assert status_of(s.recv(65536)) == 200
+        t0 = time.monotonic()
+        out = exchange(port, request_bytes("GET", "/v1/models"))
+        head, _, body = out.partition(b"\r\n\r\n")
+        assert status_of(head) == 503 and b"\r\nRetry-After: 1\r\n" in head and time.monotonic() - t0 < 2
+        assert json.loads(body)["error"]["code"] == "too_many_connections"
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 5
+    while status_of(exchange(port, request_bytes("GET", "/v1/models"))) != 200:
+        assert time.monotonic() < deadline, "connections were not released"
+        time.sleep(0.05)
+
+
+def test_a_stream_nobody_reads_is_aborted_and_frees_its_memory(tok):
+    """The client stops reading; once the kernel buffers fill, a write waits --timeout
+    seconds, then the request is aborted and its KV slot freed, long before it is done."""
+    engine = InferenceEngine(tiny_model(tok, max_position_embeddings=4096), tok, max_batch_size=8, max_seq_len=4096)
+    server = make_server(engine, "127.0.0.1", 0, timeout=0.5)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    body = json.dumps({"prompt": "the cat", "max_tokens": 4000, "n": 8, "logprobs": 20, "stream": True,
+                       "ignore_eos": True}).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        s.connect(("127.0.0.1", server.server_port))
+        s.sendall(request_bytes("POST", "/v1/completions", body, [f"Content-Length: {len(body)}"]))
+        deadline = time.monotonic() + 60
+        while engine.stats()["requests_aborted"] == 0:
+            assert time.monotonic() < deadline, engine.stats()
+            time.sleep(0.1)
+        stats = engine.stats()
+        assert stats["running"] == 0 and stats["free_slots"] == 8
+        assert stats["tokens_generated"] < 8 * 4000
+    finally:
+        s.close()
+        server.shutdown()
+        server.server_close()
+        engine.close()
