@@ -5,10 +5,11 @@
       step_000123/
         config.json, model.safetensors, generation_config.json   a model directory (save_pretrained)
         tokenizer.json, tokenizer_config.json                    when a tokenizer is passed
-        optimizer.safetensors   optimizer.state_dict() tensors, keyed "state.{param index}.{name}"
+        optimizer.safetensors   the optimizer's tensors, keyed "state.{parameter name}.{name}" (full, not
+                                sharded: a run resumes with any number of processes, DDP or FSDP)
         rng.safetensors         torch CPU / CUDA generator states; Python and NumPy Mersenne Twister words
         trainer_state.json      format_version, step, run config, sampler position, metrics, the rest of
-                                the optimizer state, scheduler state, RNG scalars, and the size and
+                                the optimizer state, RNG scalars, and the size and
                                 sha256 of every other file (checked on load: truncation is an error)
 
 A checkpoint appears atomically: it is written into .tmp_step_000123_<pid>, every file and the directory
@@ -16,8 +17,10 @@ are fsynced, the directory is renamed to step_000123 (swapped in atomically if t
 only then does `latest` move (temp file, fsync, os.replace). Whenever the process dies, `latest` names a
 complete checkpoint; what is left over has a .tmp_ name, and the next save deletes it.
 
-Left out: sharded optimizer state (FSDP / ZeRO: here rank 0 writes the whole state); per-rank RNG (all
-ranks resume with rank 0's generators); asynchronous saving; more than one writer per run directory.
+Under FSDP every rank takes part in gathering the full model and optimizer state (save() must be called
+on every rank); rank 0 writes it. Left out: sharded checkpoint files (torch.distributed.checkpoint's
+format; ours stay Hugging Face directories), per-rank RNG (all ranks resume with rank 0's generators),
+asynchronous saving, more than one writer per run directory.
 """
 
 import hashlib
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name (1: by index, still read)
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"step_(\d+)$")
 TEMP_PREFIX = ".tmp_"  # in a run directory, anything named .tmp_* is a leftover once a save has ended
@@ -74,26 +77,52 @@ def _read_json(file: str):
 # -----------------------------------------------------------------------------
 # Optimizer and RNG state <-> (tensors for safetensors, the rest for JSON)
 
+def _full(t):
+    """A tensor whole: an FSDP shard (a DTensor) is gathered from every rank, a collective."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _param_names(model, optimizer) -> list:
+    """The name of each parameter the optimizer holds, in its state_dict()'s index order."""
+    name = {id(p): n for n, p in model.named_parameters()}
+    return [name[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _full_state(model, optimizer):
+    """Model and optimizer state dicts, whole (FSDP shards gathered), the optimizer's keyed by parameter
+    name instead of index: {"state": {"model.norm.weight": {"step": t, "exp_avg": t, ...}},
+    "param_groups": [{"lr": ..., "params": ["model.norm.weight", ...]}]}. The same for one process,
+    DDP and FSDP, so a run resumes under any of them; under FSDP every rank must call it."""
+    model_state = {k: _full(v).detach().cpu() for k, v in model.state_dict().items()}
+    if optimizer is None:
+        return model_state, None
+    names, sd = _param_names(model, optimizer), optimizer.state_dict()
+    state = {names[i]: {k: _full(v) if torch.is_tensor(v) else v for k, v in entry.items()}
+             for i, entry in sd["state"].items()}
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return model_state, {"state": state, "param_groups": groups}
+
+
 def _split_optimizer(sd: dict):
-    """{"state": {0: {"step": t, "exp_avg": t}}, "param_groups": [...]} -> tensors {"state.0.step": t,
-    "state.0.exp_avg": t} and JSON {"state": {"0": {<non-tensor values>}}, "param_groups": [...]}"""
+    """{"state": {name: {"step": t, "exp_avg": t}}, "param_groups": [...]} -> tensors {"state.name.step": t,
+    "state.name.exp_avg": t} and JSON {"state": {name: {<non-tensor values>}}, "param_groups": [...]}"""
     tensors, rest = {}, {}
-    for i, entry in sd["state"].items():
-        assert isinstance(i, int), f"optimizer state is keyed by {i!r}; expected parameter indices"
-        rest[str(i)] = {}
+    for key, entry in sd["state"].items():
+        rest[str(key)] = {}
         for name, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{i}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"state.{key}.{name}"] = value.detach().cpu().contiguous()
             else:
-                rest[str(i)][name] = value
-    return tensors, _to_json({"state": rest, "param_groups": sd["param_groups"]}, "optimizer.state_dict()")
+                rest[str(key)][name] = value
+    return tensors, _to_json({"state": rest, "param_groups": sd["param_groups"]}, "optimizer state")
 
 
-def _join_optimizer(tensors: dict, rest: dict) -> dict:
-    state = {int(i): dict(entry) for i, entry in rest["state"].items()}
-    for key, t in tensors.items():
-        _, i, name = key.split(".", 2)
-        state[int(i)][name] = t
+def _join_optimizer(tensors: dict, rest: dict, version: int) -> dict:
+    key = int if version == 1 else str  # format 1 keyed the state by parameter index
+    state = {key(k): dict(entry) for k, entry in rest["state"].items()}
+    for name, t in tensors.items():
+        param, field = name.removeprefix("state.").rsplit(".", 1)  # parameter names have dots, fields not
+        state[key(param)][field] = t
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
@@ -206,11 +235,12 @@ def _unwrap(model):
 # -----------------------------------------------------------------------------
 # Save
 
-def save(run_dir, step, model, optimizer=None, scheduler=None, sampler_state=None, config=None,
-         tokenizer=None, metrics=None, keep_last=3) -> str:
+def save(run_dir, step, model, *, optimizer=None, tokenizer=None, config=None, progress=None, metrics=None,
+         keep_last=3) -> str:
     """Write run_dir/step_{step:06d} atomically, point `latest` at it, keep the newest keep_last (None:
-    all); return its path. Call it on every rank: under torch.distributed rank 0 writes while the others
-    wait at a barrier."""
+    all); return its path. progress: where the run is (data position, early-stopping counters), JSON.
+    Call it on every rank: under torch.distributed the ranks gather the full state (FSDP), rank 0
+    writes while the others wait at a barrier. Weights that are not all finite are never written."""
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     if keep_last is not None and keep_last < 1:
@@ -220,11 +250,15 @@ def save(run_dir, step, model, optimizer=None, scheduler=None, sampler_state=Non
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
         else (0, 1)
     try:
+        model = _unwrap(model)
+        model_state, optimizer_state = _full_state(model, optimizer)
         if rank == 0:
+            bad = next((k for k, t in model_state.items() if t.is_floating_point() and not t.isfinite().all()), None)
+            if bad is not None:
+                raise ValueError(f"not saving step {step}: weight {bad!r} has NaN or inf values")
             state = {"format_version": FORMAT_VERSION, "step": step, "config": _to_json(config, "config"),
-                     "sampler_state": _to_json(sampler_state, "sampler_state"),
-                     "metrics": _to_json(metrics, "metrics")}
-            tmp = _write_temp(run_dir, name, state, _unwrap(model), optimizer, scheduler, tokenizer)
+                     "progress": _to_json(progress, "progress"), "metrics": _to_json(metrics, "metrics")}
+            tmp = _write_temp(run_dir, name, state, model, model_state, optimizer_state, tokenizer)
             _replace_dir(tmp, os.path.join(run_dir, name))
             _fsync(run_dir)
             _write_latest(run_dir, name)
@@ -235,19 +269,17 @@ def save(run_dir, step, model, optimizer=None, scheduler=None, sampler_state=Non
     return os.path.join(run_dir, name)
 
 
-def _write_temp(run_dir, name, state, model, optimizer, scheduler, tokenizer) -> str:
+def _write_temp(run_dir, name, state, model, model_state, optimizer_state, tokenizer) -> str:
     """Write and fsync the whole checkpoint into a temporary directory; return its path."""
     opt_tensors = None  # state_dicts go to JSON first: a value JSON cannot hold fails before any write
-    if optimizer is not None:
-        opt_tensors, state["optimizer"] = _split_optimizer(optimizer.state_dict())
-    if scheduler is not None:
-        state["scheduler"] = _to_json(scheduler.state_dict(), "scheduler.state_dict()")
+    if optimizer_state is not None:
+        opt_tensors, state["optimizer"] = _split_optimizer(optimizer_state)
     rng_tensors, state["rng"] = _get_rng()
 
     tmp = os.path.join(run_dir, f"{TEMP_PREFIX}{name}_{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=model_state)
     if tokenizer is not None:
         tokenizer.save(tmp)
     if opt_tensors is not None:
@@ -357,27 +389,46 @@ def _load_model(state: dict, model, device: str):
     model.load_state_dict(tensors, strict=True)
 
 
-def load(path, model=None, optimizer=None, scheduler=None, restore_rng=True, map_location="cpu") -> dict:
+def load(path, model=None, optimizer=None, *, load_weights=True, restore_rng=True, map_location="cpu") -> dict:
     """Restore a checkpoint directory, or the one a run directory's `latest` names, into the objects
-    given; return {"step", "sampler_state", "config", "metrics", "path"}."""
+    given; return {"step", "progress", "config", "metrics", "path"}. The optimizer needs its model (its
+    state is keyed by parameter name); load_weights=False leaves the model's weights alone (it was built
+    from this checkpoint, and may be sharded by FSDP by now)."""
     state = _read_state(str(path))
     path, device = state["path"], str(map_location)
-    if model is not None:
+    if model is not None and load_weights:
         _load_model(state, _unwrap(model), device)
-    for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
-        if obj is None:
-            continue
-        if key not in state:
-            raise ValueError(f"{path} was saved without {key} state; pass {key}=None to load without it")
-        saved = state[key]
-        if key == "optimizer":
-            tensors = load_file(os.path.join(path, "optimizer.safetensors"), device=device)
-            saved = _join_optimizer(tensors, saved)
-        try:
-            obj.load_state_dict(saved)
-        except (ValueError, KeyError, RuntimeError, TypeError) as e:
-            raise ValueError(f"{path}: the saved {key} state does not fit this {type(obj).__name__} ({e}); "
-                             "build it as the run that saved it did (same parameter groups)") from e
+    if optimizer is not None:
+        if "optimizer" not in state:
+            raise ValueError(f"{path} was saved without optimizer state; pass optimizer=None to load without it")
+        assert model is not None, "loading optimizer state needs its model: the state is keyed by parameter name"
+        tensors = load_file(os.path.join(path, "optimizer.safetensors"), device=device)
+        _load_optimizer(path, _join_optimizer(tensors, state["optimizer"], state["format_version"]),
+                        _unwrap(model), optimizer)
     if restore_rng:
         _set_rng(load_file(os.path.join(path, "rng.safetensors")), state["rng"])
-    return {k: state[k] for k in ("step", "sampler_state", "config", "metrics", "path")}
+    progress = state.get("progress", state.get("sampler_state"))  # format 1 called it sampler_state
+    return {"progress": progress, **{k: state[k] for k in ("step", "config", "metrics", "path")}}
+
+
+def _load_optimizer(path, saved, model, optimizer):
+    """Saved optimizer state (keyed by name, or by index in format 1) into the optimizer; under FSDP each
+    rank keeps its shard of every tensor, cut the way its parameter is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+
+    def shard_like(t, p):
+        if isinstance(p, DTensor) and t.dim() > 0:  # every rank read the whole tensor: each keeps its part
+            return distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+        return t
+    try:
+        if saved["state"] and not all(isinstance(k, int) for k in saved["state"]):  # by name
+            state = {index[n]: {k: shard_like(v, params[index[n]]) if torch.is_tensor(v) else v
+                                for k, v in entry.items()} for n, entry in saved["state"].items()}
+            groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]
+            saved = {"state": state, "param_groups": groups}
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise ValueError(f"{path}: the saved optimizer state does not fit this {type(optimizer).__name__} ({e!r}); "
+                         "build it as the run that saved it did (same model, same parameter groups)") from e

@@ -309,17 +309,19 @@ class Transformer(nn.Module):
 
     # -- checkpoints ------------------------------------------------------------
 
-    def save_pretrained(self, path: str, max_shard_bytes: int = 4 << 30):
+    def save_pretrained(self, path: str, max_shard_bytes: int = 4 << 30, state_dict=None):
         """Write config.json, generation_config.json and safetensors weights to `path`.
 
         Weights larger than max_shard_bytes are split into
         model-0000i-of-0000n.safetensors with an index, as transformers does.
         Each file is written to a temporary name and renamed into place.
+        state_dict: the weights to write instead of this module's own (the
+        full state gathered from FSDP shards).
         """
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous() for k, v in (state_dict or self.state_dict()).items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight")  # shared with model.embed_tokens.weight
         shards, size = [{}], 0

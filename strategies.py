@@ -11,6 +11,13 @@ log-probability counts (the *target* tokens: position t is predicted by the
 logits at t-1, so the first token of a row is never a target). Log-probs
 are taken in fp32.
 
+Each strategy has loss(model, batch) -> (mean loss over the batch, metrics)
+and count(batch) -> how many units that mean is over (target tokens, pairs,
+sequences). The trainer weights each micro-batch's mean by its count and
+divides by the count of the whole step, over every micro-batch and rank, so
+the gradient of a step does not depend on how its batch is split (grad
+accumulation, DDP): the "global token mean" of DAPO (Yu et al. 2025, §3.3).
+
 Left out: PPO with a value model, KTO/ORPO/SimPO, sequence packing.
 """
 
@@ -26,14 +33,16 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # Log-probability helpers
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log p(ids[:, t] | ids[:, <t]) for t >= 1, as (B, T-1) in fp32.
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(ids[:, t] | ids[:, <t]) for t >= 1, as (B, T-1) in fp32, under softmax(logits / temperature).
 
     logits (B, T, V) from a forward over ids (B, T).
     """
     logits = logits[:, :-1]
     if logits.element_size() < 4:  # bf16 / fp16 -> fp32; fp64 stays (tests)
         logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     logp = F.log_softmax(logits, dim=-1)  # (B, T-1, V)
     return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
 
@@ -50,27 +59,24 @@ def sequence_logprob(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 # Supervised
 
 @dataclass
-class SEQ:
-    """Mean next-token cross-entropy: batch {"input_ids", "labels"} (B, T) each."""
+class CrossEntropy:
+    """Next-token cross-entropy, the mean over target tokens: every token of
+    {"input_ids", "labels"} (B, T) for pretraining (seq), only those of
+    "loss_mask" (B, T) for SFT (the assistant's tokens)."""
     label_smoothing: float = 0.0
+
+    def count(self, batch):
+        mask = batch.get("loss_mask")
+        return batch["labels"].numel() if mask is None else int(mask.sum())
 
     def loss(self, model, batch):
         logits = model(batch["input_ids"])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
-                               label_smoothing=self.label_smoothing)
-        return loss, {"tokens": batch["labels"].numel()}
-
-
-@dataclass
-class SFT:
-    """Cross-entropy averaged over loss-mask tokens only: batch adds "loss_mask" (B, T)."""
-    label_smoothing: float = 0.0
-
-    def loss(self, model, batch):
-        logits = model(batch["input_ids"])
-        mask = batch["loss_mask"].flatten().float()
         ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
-                             label_smoothing=self.label_smoothing, reduction="none")
+                             label_smoothing=self.label_smoothing, reduction="none")  # (B*T,)
+        mask = batch.get("loss_mask")
+        if mask is None:
+            return ce.mean(), {"tokens": ce.numel()}
+        mask = mask.flatten().float()
         n = mask.sum()
         return (ce * mask).sum() / n.clamp(min=1), {"tokens": int(n)}
 
@@ -90,6 +96,9 @@ class DPO:
     def __init__(self, reference: nn.Module, beta: float = 0.1):
         self.reference, self.beta = reference, beta
         reference.requires_grad_(False).eval()
+
+    def count(self, batch):
+        return batch["input_ids"].shape[0] // 2  # pairs
 
     def loss(self, model, batch):
         ids, mask = batch["input_ids"], batch["response_mask"]
@@ -129,30 +138,49 @@ class GRPO:
         l_it = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) + kl_coef * k3_it
         k3_it = exp(ref_it - logp_it) - (ref_it - logp_it) - 1     (Schulman's unbiased KL estimator)
     aggregated as the mean over each completion's tokens, then over completions
-    ("sequence", the GRPO paper), or one mean over all tokens ("token", DAPO).
+    ("sequence", the GRPO paper), or one mean over all completion tokens of the
+    step ("token", DAPO: the trainer's global count makes it the whole step's).
+
+    Every log-prob (policy, sampling policy, reference) is of softmax(logits /
+    temperature), the distribution the completions were sampled from, as TRL
+    does; at temperature 1 that is the model's own. clip_frac counts the tokens
+    whose gradient the clip removed: ratio above 1 + eps_high with A > 0, or
+    below 1 - eps_low with A < 0 (a clipped ratio on the other side still passes
+    its gradient through the min).
 
     Batch: input_ids (N, T) prompt + completion rows grouped by prompt,
-    completion_mask (N, T) on completion tokens, rewards (N,), and optionally
+    completion_mask (N, T) on completion tokens (all False for a completion the
+    trainer masks out, e.g. a truncated one), rewards (N,), and optionally
     old_logprobs (N, T-1) from the policy that sampled (missing = the current
     policy, detached: ratio 1). The trainer makes mu passes over one batch.
     """
 
     def __init__(self, reference: Optional[nn.Module], group_size: int, kl_coef: float = 0.04,
                  clip_low: float = 0.2, clip_high: float = 0.2, scale_rewards: bool = True,
-                 aggregation: str = "sequence"):
+                 aggregation: str = "sequence", temperature: float = 1.0):
         if aggregation not in ("sequence", "token"):
             raise ValueError(f"GRPO aggregation must be 'sequence' or 'token', got {aggregation!r}")
         if kl_coef > 0 and reference is None:
             raise ValueError("GRPO with kl_coef > 0 needs a reference model")
+        if not temperature > 0:
+            raise ValueError(f"GRPO samples its completions: temperature must be > 0, got {temperature}")
         self.reference, self.G, self.kl_coef = reference, group_size, kl_coef
         self.clip_low, self.clip_high = clip_low, clip_high
-        self.scale_rewards, self.aggregation = scale_rewards, aggregation
+        self.scale_rewards, self.aggregation, self.temperature = scale_rewards, aggregation, temperature
         if reference is not None:
             reference.requires_grad_(False).eval()
 
+    def logprobs(self, model, ids):
+        """(N, T-1) log-probs of the targets under the sampling distribution."""
+        return token_logprobs(model(ids), ids, self.temperature)
+
+    def count(self, batch):
+        mask = batch["completion_mask"][:, 1:]
+        return int(mask.sum()) if self.aggregation == "token" else int(mask.any(-1).sum())
+
     def loss(self, model, batch):
         ids, mask = batch["input_ids"], batch["completion_mask"][:, 1:].float()  # targets: (N, T-1)
-        logp = token_logprobs(model(ids), ids)  # (N, T-1)
+        logp = self.logprobs(model, ids)  # (N, T-1)
         old = batch.get("old_logprobs")
         old = logp.detach() if old is None else old
         adv = group_advantages(batch["rewards"], self.G, self.scale_rewards)[:, None]  # (N, 1)
@@ -162,22 +190,24 @@ class GRPO:
         kl = torch.zeros_like(logp)
         if self.kl_coef > 0:
             with torch.no_grad():
-                ref = token_logprobs(self.reference(ids), ids)
+                ref = self.logprobs(self.reference, ids)
             kl = torch.exp(ref - logp) - (ref - logp) - 1
             per_token = per_token + self.kl_coef * kl
-        lengths = mask.sum(-1).clamp(min=1)  # (N,)
+        lengths = mask.sum(-1)  # (N,)
         if self.aggregation == "sequence":
-            loss = ((per_token * mask).sum(-1) / lengths).mean()
+            kept = (lengths > 0).float()  # completions the trainer masked out do not count
+            loss = ((per_token * mask).sum(-1) / lengths.clamp(min=1)).sum() / kept.sum().clamp(min=1)
         else:
             loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
         n = mask.sum().clamp(min=1)
-        was_clipped = ((ratio - clipped).abs() > 0).float()
+        active = ((ratio > 1 + self.clip_high) & (adv > 0)) | ((ratio < 1 - self.clip_low) & (adv < 0))
         rewards = batch["rewards"].float()
         return loss, {"reward_mean": rewards.mean().item(),
                       "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-                      "clip_frac": ((was_clipped * mask).sum() / n).item(),
+                      "clip_frac": ((active.float() * mask).sum() / n).item(),
                       "kl": ((kl.detach() * mask).sum() / n).item(),
-                      "completion_len": lengths.mean().item(), "tokens": int(mask.sum())}
+                      "completion_len": batch["completion_mask"].sum(-1).float().mean().item(),
+                      "tokens": int(mask.sum())}
 
 
 # -----------------------------------------------------------------------------
@@ -194,6 +224,11 @@ class RewardModel(nn.Module):
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
+        if not backbone.config.tie_word_embeddings:
+            # forward never uses the LM head: frozen, it stays out of the optimizer and out of DDP's
+            # gradient reduction (which would otherwise wait for its gradient forever); it is kept,
+            # unchanged, so the saved directory is still a complete model
+            backbone.lm_head.requires_grad_(False)
         self.score = nn.Linear(backbone.config.hidden_size, 1)
         nn.init.zeros_(self.score.weight)
         nn.init.zeros_(self.score.bias)
@@ -206,11 +241,15 @@ class RewardModel(nn.Module):
         assert (last >= 0).all(), "every row needs at least one response token"
         return self.score(h[torch.arange(len(ids)), last].float()).squeeze(-1)
 
-    def save_pretrained(self, path: str):
+    def save_pretrained(self, path: str, state_dict=None):
+        """The backbone's model directory plus reward_head.safetensors; state_dict as in
+        Transformer.save_pretrained ("backbone." and "score." keys)."""
         from safetensors.torch import save_file
-        self.backbone.save_pretrained(path)
-        save_file({k: v.detach().contiguous() for k, v in self.score.state_dict().items()},
-                  os.path.join(path, "reward_head.safetensors"))
+        state = state_dict or self.state_dict()
+        part = lambda prefix: {k.removeprefix(prefix): v.detach().contiguous()  # noqa: E731
+                               for k, v in state.items() if k.startswith(prefix)}
+        self.backbone.save_pretrained(path, state_dict=part("backbone."))
+        save_file(part("score."), os.path.join(path, "reward_head.safetensors"))
 
     @classmethod
     def from_pretrained(cls, path: str, device=None):
@@ -228,6 +267,9 @@ class RewardModel(nn.Module):
 class RM:
     """Bradley-Terry: loss = -log sigmoid(r(x, y_w) - r(x, y_l)), on DPO-format batches."""
 
+    def count(self, batch):
+        return batch["input_ids"].shape[0] // 2  # pairs
+
     def loss(self, model: RewardModel, batch):
         ids, mask = batch["input_ids"], batch["response_mask"]
         B = ids.shape[0] // 2
@@ -238,5 +280,5 @@ class RM:
 
 
 # --type name -> strategy class; the data kind each one reads
-STRATEGIES = {"seq": SEQ, "sft": SFT, "dpo": DPO, "grpo": GRPO, "rm": RM}
+STRATEGIES = {"seq": CrossEntropy, "sft": CrossEntropy, "dpo": DPO, "grpo": GRPO, "rm": RM}
 DATA_KIND = {"seq": "seq", "sft": "sft", "dpo": "dpo", "grpo": "grpo", "rm": "dpo"}

@@ -8,9 +8,12 @@
     python train.py --nprocs 2 ...                      # spawn 2 local processes (GLOO on CPU)
     torchrun --nproc_per_node 8 train.py ...            # or let torchrun launch (any number of nodes)
 
-Each step: grad_accum micro-batches (DDP syncs gradients only on the last),
-gradient clipping, AdamW (fused on CUDA), the learning rate set from the
-schedule, bf16 autocast on GPU (fp32 on CPU). Rank 0 logs a progress line,
+Each step: grad_accum micro-batches (DDP or FSDP syncs gradients only on the
+last), a loss normalised by the units of the whole step (tokens, pairs or
+sequences over every micro-batch and rank, so the split does not change the
+gradient), gradient clipping, a stop before the update if the loss or the
+gradient norm is not finite, AdamW (fused on CUDA), the learning rate set from
+the schedule, bf16 autocast on GPU (fp32 on CPU). Rank 0 logs a progress line,
 appends to runs/NAME/metrics.jsonl and writes checkpoints (checkpoint.py);
 the data sampler shards samples across ranks and resumes exactly, so
 `--resume` reproduces an uninterrupted run bit for bit on CPU.
@@ -19,10 +22,13 @@ GRPO samples G completions per prompt from the live policy through the
 inference engine (engine.py, sharing the model's weights), scores them with the built-in task's exact-match reward
 or a reward model, then makes mu optimisation passes over that rollout batch.
 
-Left out: FSDP / tensor parallelism, sequence packing across documents.
+Data parallelism is DDP (a replica per rank) or, with --fsdp, FSDP2 (each rank
+holds a shard of the parameters, gradients and optimizer state). Left out:
+tensor and pipeline parallelism, FSDP for GRPO, sequence packing.
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -103,13 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aggregation", choices=["sequence", "token"], default="sequence", help="grpo: loss mean")
     g.add_argument("--mu", type=int, default=1, help="grpo: optimisation passes per rollout batch")
     g.add_argument("--max-new-tokens", type=int, default=32, help="grpo: completion length cap")
-    g.add_argument("--temperature", type=float, default=1.0, help="grpo: sampling temperature")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="grpo: sampling temperature; log-probs are taken at it too (the sampling distribution)")
+    g.add_argument("--mask-truncated", action="store_true",
+                   help="grpo: do not train on completions cut at --max-new-tokens (DAPO's overlong filtering); "
+                   "off by default, as in the GRPO paper: a cut-off answer still earns its reward, usually 0, "
+                   "which teaches the policy to finish")
     g.add_argument("--reward-model", help="grpo: reward model directory (default: exact-match answer reward)")
     g = p.add_argument_group("distributed")
     g.add_argument("--nprocs", type=int, default=1, help="spawn this many local processes (not with torchrun)")
     g.add_argument("--backend", choices=["auto", "nccl", "gloo", "xccl", "ccl"], default="auto",
                    help="auto: nccl on CUDA, xccl on Intel XPU, gloo on CPU")
     g.add_argument("--dist-timeout", type=int, default=300, help="seconds before a stuck collective fails the run")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state across ranks (FSDP2) instead of DDP's "
+                   "full replicas: for models whose training state does not fit one device")
     return p
 
 
@@ -146,6 +160,13 @@ def check_args(args):
     if args.type == "grpo" and args.batch_size % args.group_size:
         raise SystemExit(f"error: grpo --batch-size ({args.batch_size}) counts completions and must be a "
                          f"multiple of --group-size ({args.group_size})")
+    if args.fsdp and args.nprocs < 2 and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise SystemExit("error: --fsdp shards over several processes: launch with torchrun or --nprocs N (N >= 2)")
+    if args.fsdp and args.type == "grpo":
+        raise SystemExit("error: --fsdp does not support grpo: its rollouts run the policy on each rank on its "
+                         "own, while a sharded model needs every rank in each forward; use DDP")
+    if args.type == "grpo" and args.temperature <= 0:
+        raise SystemExit("error: grpo samples its completions: --temperature must be > 0")
     if args.backend == "ccl":
         try:
             import oneccl_bindings_for_pytorch  # noqa: F401  (registers the "ccl" backend)
@@ -215,7 +236,17 @@ def init_distributed(args, device: torch.device):
 def _spawned(local_rank: int, argv: list, world: int, port: int):
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    run(build_parser().parse_args(argv))
+    run_from_args(build_parser().parse_args(argv))
+    exit_worker()
+
+
+def exit_worker():
+    """End a finished rank without interpreter teardown: Gloo's worker threads may still hold
+    finished work objects, and freeing them while Python finalises aborts the process now and then
+    ("terminate called without an active exception", SIGABRT), after a run that succeeded."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(args, argv: list):
@@ -254,43 +285,78 @@ def to_device(batch: dict, device) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# The run: what train() builds once, and the batch arithmetic in one place
+
+@dataclasses.dataclass
+class Run:
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    tok: tokenizer_lib.Tokenizer
+    model: torch.nn.Module  # the bare model (sharded in place under --fsdp): rollouts, evaluation, checkpoints
+    strategy: object
+    dataset: object
+    eval_set: object
+    collate: object
+    autocast: object  # bf16 autocast, or a no-op context
+    engine: object = None  # grpo: samples from the live policy
+    reward_fn: object = None  # grpo: (prompt ids, completion ids, answer) -> float
+
+    @property
+    def per_micro(self) -> int:
+        """Data samples per micro-batch and rank: prompts for GRPO (--batch-size counts its completions)."""
+        a = self.args
+        return a.batch_size // a.group_size if a.type == "grpo" else a.batch_size
+
+    @property
+    def passes(self) -> int:
+        """Optimizer steps per batch: GRPO makes mu passes over one rollout batch."""
+        return self.args.mu if self.args.type == "grpo" else 1
+
+
+# -----------------------------------------------------------------------------
 # GRPO rollouts
 
-def rollout_seed(args, step: int, rank: int, prompt: int) -> int:
-    """A sampling seed fixed by (run seed, step, rank, prompt), so a resumed run draws
-    the same completions as an uninterrupted one; choice i of a prompt uses seed + i."""
-    return ((args.seed * 100_003 + step) * 1_009 + rank) * 65_536 + prompt * args.group_size
+def rollout_seed(args, step: int, rank: int, micro: int, prompt: int) -> int:
+    """A sampling seed fixed by (run seed, step, rank, micro-batch, prompt): a resumed run draws the same
+    completions as an uninterrupted one, and no two micro-batches of a step share their random numbers.
+    Choice i of a prompt uses seed + i."""
+    seed = (((args.seed * 100_003 + step) * 1_009 + rank) * 4_099 + micro) * 65_536 + prompt * args.group_size
+    return seed % (1 << 62)  # the engine takes 64-bit seeds; + i must stay inside
 
 
 def sample(engine, prompts: list, args, temperature: float, seeds=None) -> list:
-    """Completion token ids (stop token included), group_size per prompt when sampling."""
+    """Engine choices (token ids with the stop token, finish_reason), group_size per prompt when sampling."""
     from engine import SamplingParams
     n = args.group_size if temperature > 0 else 1
     params = [SamplingParams(max_tokens=args.max_new_tokens, temperature=temperature, n=n,
                              seed=None if seeds is None else seeds[i]) for i in range(len(prompts))]
     requests = [engine.submit(p, sp) for p, sp in zip(prompts, params)]
-    return [c.token_ids for r in requests for c in r.result().choices]
+    return [c for r in requests for c in r.result().choices]
 
 
-def rollout_batch(engine, model, batch, args, tok, reward_fn, step, rank, device) -> dict:
-    """B/G prompts -> B completions sampled by the live policy through the engine, their
-    rewards, and the sampling policy's per-token log-probs (recomputed by the training
-    forward, so the first of the mu passes has ratio exactly 1)."""
-    seeds = [rollout_seed(args, step, rank, i) for i in range(len(batch["prompts"]))]
-    completions = sample(engine, batch["prompts"], args, args.temperature, seeds)
+def rollout_batch(run, batch, step: int, micro: int) -> dict:
+    """B/G prompts -> B completions sampled by the live policy, their rewards, and the sampling policy's
+    per-token log-probs. Those are recomputed by the training forward (under the same autocast, at the
+    sampling temperature), so the first of the mu passes has ratio exactly 1. With --mask-truncated a
+    completion that hit --max-new-tokens is rewarded but not trained on (DAPO's overlong filtering)."""
+    args = run.args
+    seeds = [rollout_seed(args, step, run.rank, micro, i) for i in range(len(batch["prompts"]))]
+    choices = sample(run.engine, batch["prompts"], args, args.temperature, seeds)
     prompts = [p for p in batch["prompts"] for _ in range(args.group_size)]
     answers = [a for a in batch["answers"] for _ in range(args.group_size)]
-    rewards = torch.tensor([reward_fn(p, c, a) for p, c, a in zip(prompts, completions, answers)])
-    T = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    ids = torch.full((len(prompts), T), tok.pad_id, dtype=torch.long)
+    rewards = torch.tensor([run.reward_fn(p, c.token_ids, a) for p, c, a in zip(prompts, choices, answers)])
+    T = max(len(p) + len(c.token_ids) for p, c in zip(prompts, choices))
+    ids = torch.full((len(prompts), T), run.tok.pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids, dtype=torch.bool)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-        mask[i, len(p):len(p) + len(c)] = True
-    ids, mask = ids.to(device), mask.to(device)
-    with torch.no_grad():
-        old = strategies.token_logprobs(model(ids), ids)
-    return {"input_ids": ids, "completion_mask": mask, "rewards": rewards.to(device), "old_logprobs": old}
+    for i, (p, c) in enumerate(zip(prompts, choices)):
+        ids[i, :len(p) + len(c.token_ids)] = torch.tensor(p + c.token_ids)
+        mask[i, len(p):len(p) + len(c.token_ids)] = not (args.mask_truncated and c.finish_reason == "length")
+    ids, mask = ids.to(run.device), mask.to(run.device)
+    with torch.no_grad(), run.autocast:
+        old = run.strategy.logprobs(run.model, ids)
+    return {"input_ids": ids, "completion_mask": mask, "rewards": rewards.to(run.device), "old_logprobs": old}
 
 
 def make_engine(model, tok, args):
@@ -316,7 +382,7 @@ def make_reward_fn(args, tok, device):
 
 
 # -----------------------------------------------------------------------------
-# The run
+# Building the run
 
 def log0(rank, *a):
     if rank == 0:
@@ -347,71 +413,70 @@ def build_reference(args, model, tok, device, resuming: bool):
 
     A fresh run copies the model it just built. A resumed run must not copy the
     resumed policy: it reloads the start (--model), or rebuilds the --preset
-    initialisation from the run's seed.
+    initialisation from the run's seed, as train() seeded it before building.
     """
     if args.ref:
         return Transformer.from_pretrained(args.ref, dtype=torch.float32).to(device)
     if not resuming:
         return copy.deepcopy(model)
-    if args.model:
-        return build_model(args, tok, device)
-    torch.manual_seed(args.seed)  # as train() did right before building the preset model
+    if args.preset:
+        torch.manual_seed(args.seed)
     return build_model(args, tok, device)
 
 
 def build_strategy(args, model, device, tok=None, resuming=False):
-    if args.type in ("dpo", "grpo"):
-        ref = None if args.type == "grpo" and args.kl_coef == 0 else \
-            build_reference(args, model, tok, device, resuming)
-    if args.type == "seq":
-        return strategies.SEQ(args.label_smoothing)
-    if args.type == "sft":
-        return strategies.SFT(args.label_smoothing)
+    """The --type's strategy from STRATEGIES, with its hyperparameters and (dpo, grpo) its reference."""
+    cls = strategies.STRATEGIES[args.type]
+    if args.type in ("seq", "sft"):
+        return cls(args.label_smoothing)
+    if args.type == "rm":
+        return cls()
+    ref = None if args.type == "grpo" and args.kl_coef == 0 else build_reference(args, model, tok, device, resuming)
     if args.type == "dpo":
-        return strategies.DPO(ref, args.beta)
-    if args.type == "grpo":
-        return strategies.GRPO(ref, args.group_size, args.kl_coef, args.clip_low, args.clip_high,
-                               not args.no_scale_rewards, args.aggregation)
-    return strategies.RM()
+        return cls(ref, args.beta)
+    return cls(ref, args.group_size, args.kl_coef, args.clip_low, args.clip_high, not args.no_scale_rewards,
+               args.aggregation, args.temperature)
 
 
 @torch.no_grad()
-def evaluate(model, strategy, dataset, args, collate, device, autocast, engine=None, reward_fn=None) -> dict:
+def evaluate(run, dataset) -> dict:
     """Mean loss over up to eval_batches batches of held-out data (+ perplexity for seq/sft);
     for grpo, the mean reward of greedy completions."""
+    args, model = run.args, run.model
+    n = min(len(dataset), args.eval_batches * args.batch_size)
     if args.type == "grpo":
-        n = min(len(dataset), args.eval_batches * args.batch_size)
         samples = [dataset[i] for i in range(n)]
-        completions = sample(engine, [s["prompt"] for s in samples], args, temperature=0.0)
-        rewards = [reward_fn(s["prompt"], c, s["answer"]) for s, c in zip(samples, completions)]
-        return {"eval_reward": float(np.mean(rewards))}
+        choices = sample(run.engine, [s["prompt"] for s in samples], args, temperature=0.0)
+        return {"eval_reward": float(np.mean([run.reward_fn(s["prompt"], c.token_ids, s["answer"])
+                                              for s, c in zip(samples, choices)]))}
     was_training = model.training
     model.eval()
-    n = min(len(dataset), args.eval_batches * args.batch_size)
-    losses, metrics = [], {}
-    for start in range(0, n - args.batch_size + 1, args.batch_size):
-        batch = to_device(collate([dataset[i] for i in range(start, start + args.batch_size)]), device)
-        with autocast:
-            loss, m = strategy.loss(model, batch)
-        losses.append(loss.item())
-        for k, v in m.items():
-            metrics[k] = metrics.get(k, 0.0) + v / max(1, n // args.batch_size)
+    total, count, metrics = 0.0, 0, {}
+    batches = range(0, n - args.batch_size + 1, args.batch_size)
+    for start in batches:
+        batch = to_device(run.collate([dataset[i] for i in range(start, start + args.batch_size)]), run.device)
+        with run.autocast:
+            loss, m = run.strategy.loss(model, batch)
+        k = run.strategy.count(batch)
+        total, count = total + loss.item() * k, count + k
+        for name, v in m.items():
+            metrics[name] = metrics.get(name, 0.0) + v / len(batches)
     model.train(was_training)
-    if not losses:
+    if not batches:
         raise SystemExit(f"error: eval data has {len(dataset)} samples, fewer than one batch of {args.batch_size}")
-    out = {"eval_loss": float(np.mean(losses))}
+    out = {"eval_loss": total / max(count, 1)}
     if args.type in ("seq", "sft"):
         out["eval_ppl"] = math.exp(min(out["eval_loss"], 50))
     out.update({f"eval_{k}": v for k, v in metrics.items() if k != "tokens"})
     return out
 
 
-def all_mean(values: list, world: int, device) -> list:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world > 1:
+def all_reduce(values: list, run, mean=False) -> list:
+    """Sum (or mean) of each value over the ranks, in float64."""
+    t = torch.tensor(values, dtype=torch.float64, device=run.device)
+    if run.world > 1:
         dist.all_reduce(t)
-        t /= world
-    return t.tolist()
+    return (t / run.world if mean else t).tolist()
 
 
 def fmt_time(s: float) -> str:
@@ -419,7 +484,7 @@ def fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def run(args):
+def run_from_args(args):
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(args, local_rank)
     rank, world = init_distributed(args, device)
@@ -446,141 +511,242 @@ def train(args, rank, world, device):
         eval_set = data.load_dataset(args.eval_data, kind, args.seq_len, tok.fingerprint) if args.eval_data else None
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    strategy = build_strategy(args, model, device, tok, resuming=resume_from is not None)
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    collate = collate_for(kind, tok.pad_id)
-    reward_fn = make_reward_fn(args, tok, device) if args.type == "grpo" else None
-    engine = make_engine(model, tok, args) if args.type == "grpo" else None  # rollouts and grpo eval
+    run = Run(args, rank, world, device, tok, model, build_strategy(args, model, device, tok, resume_from is not None),
+              dataset, eval_set, collate_for(kind, tok.pad_id),
+              torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
+    if args.type == "grpo":
+        run.reward_fn, run.engine = make_reward_fn(args, tok, device), make_engine(model, tok, args)
     try:
         if args.eval_only:
-            result = evaluate(model, strategy, eval_set or dataset, args, collate, device, autocast, engine,
-                              reward_fn)
+            result = evaluate(run, eval_set or dataset)
             log0(rank, json.dumps(result))
             return result
-        return fit(args, rank, world, device, tok, model, strategy, dataset, eval_set, collate, autocast,
-                   engine, reward_fn, resume_from)
+        return fit(run, resume_from)
     finally:
-        if engine:
-            engine.close()
+        if run.engine:
+            run.engine.close()
 
 
-def fit(args, rank, world, device, tok, model, strategy, dataset, eval_set, collate, autocast, engine,
-        reward_fn, resume_from):
-    """The optimisation loop of train(): steps, logging, evaluation, checkpoints."""
-    kind = strategies.DATA_KIND[args.type]
+# -----------------------------------------------------------------------------
+# Data parallelism: DDP or FSDP2
 
-    samples_per_step = args.batch_size * args.grad_accum  # per rank
-    if args.type == "grpo":  # batch_size counts completions; prompts per step = batch / G
-        samples_per_step = args.batch_size // args.group_size * args.grad_accum
-    sampler = data.DistributedSampler(len(dataset), rank, world, args.seed)
-    total = args.steps or max(1, int(args.epochs * sampler.per_rank / samples_per_step))
+def shard(model, run):
+    """FSDP2 (torch.distributed.fsdp.fully_shard): each Transformer block is one unit whose parameters
+    are gathered for its forward and backward and sharded again after, then the root holds the rest
+    (embeddings, final norm, head). On GPU with bf16, compute runs in bf16 while gradients are reduced,
+    and weights kept, in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    bf16 = run.device.type == "cuda" and not isinstance(run.autocast, nullcontext)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    core = model.backbone if isinstance(model, strategies.RewardModel) else model
+    for block in core.model.layers:
+        fully_shard(block, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
+
+
+def parallelize(run):
+    """The module the loss runs through. DDP: a full replica per rank, gradients all-reduced. FSDP
+    (--fsdp): parameters, gradients and optimizer state sharded across ranks, so each rank holds
+    1/world of them (the model is sharded in place; a DPO reference too). Built before the optimizer,
+    which must see the sharded parameters."""
+    args, net = run.args, run.model
+    if args.fsdp:
+        shard(run.model, run)
+        reference = getattr(run.strategy, "reference", None)
+        if reference is not None:
+            shard(reference, run)
+    net = torch.compile(net) if args.compile else net
+    if run.world > 1 and not args.fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    return net
+
+
+@contextlib.contextmanager
+def gradient_sync(net, on: bool):
+    """DDP and FSDP reduce gradients over the ranks after every backward unless told not to; only the
+    last micro-batch of a step needs to."""
+    if on:
+        yield
+    elif hasattr(net, "no_sync"):  # DDP
+        with net.no_sync():
+            yield
+    elif hasattr(net, "set_requires_gradient_sync"):  # FSDP2
+        net.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            net.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+def step_batches(run, stream, step: int) -> list:
+    """The grad_accum micro-batches of one step, on the device; for GRPO, rollouts of the live policy."""
+    if run.args.type == "grpo":
+        return [rollout_batch(run, next(stream), step, m) for m in range(run.args.grad_accum)]
+    return [to_device(next(stream), run.device) for _ in range(run.args.grad_accum)]
+
+
+def optimise(run, net, opt, batches: list, step: int) -> dict:
+    """One optimizer step over a step's micro-batches; the loss, gradient norm and metrics over all ranks.
+
+    loss = sum_b mean_b * n_b / N: n_b counts micro-batch b's units (strategy.count: tokens, pairs,
+    sequences) and N all units of the step, every micro-batch and rank; so the gradient is the same
+    however the samples are split (DDP and FSDP average over ranks, hence the factor world). A loss
+    or gradient norm that is not finite stops the run before the update.
+    """
+    counts = [run.strategy.count(b) for b in batches]
+    total = max(1.0, all_reduce([float(sum(counts))], run)[0])
+    loss_sum, sums = 0.0, {}
+    for m, (batch, n) in enumerate(zip(batches, counts)):
+        with gradient_sync(net, m == len(batches) - 1), run.autocast:
+            loss, metrics = run.strategy.loss(net, batch)
+        (loss * (n * run.world / total)).backward()
+        loss_sum += loss.item() * n
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v / len(batches)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.clip or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+    loss, grad_norm = all_reduce([loss_sum, float(grad_norm)], run)
+    loss, grad_norm = loss / total, grad_norm / run.world  # every rank has the same (synced) norm
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        last = checkpoint.latest(run.args.out)
+        raise RuntimeError(f"{'loss' if not math.isfinite(loss) else 'gradient norm'} is "
+                           f"{loss if not math.isfinite(loss) else grad_norm} at step {step + 1}: stopping before "
+                           f"the update. The last good checkpoint is {last or 'none (nothing saved yet)'}; lower "
+                           "--lr or check the data, then --resume")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    keys = sorted(k for k in sums if k != "tokens")
+    return {"loss": loss, "grad_norm": grad_norm, **dict(zip(keys, all_reduce([sums[k] for k in keys], run, True)))}
+
+
+# Dense bf16 peak FLOP/s by device name (vendors' datasheets, without sparsity); MFU is only shown
+# for a device listed here. Longer names first: "A100" must not match "A10".
+PEAK_BF16 = {"B200": 2250e12, "H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+             "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "MI300X": 1307e12}
+
+
+def peak_flops(device) -> float:
+    """The running device's dense bf16 peak, or 0 where it is not in PEAK_BF16 (or not a GPU)."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), 0.0)
+
+
+def make_optimizer(run):
+    """AdamW (fused on CUDA); no weight decay on vectors (norms, biases); frozen weights left out."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in run.model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
-    step, consumed = 0, 0
+    return torch.optim.AdamW([{"params": decay, "weight_decay": run.args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=run.args.lr, betas=(0.9, 0.95),
+                             fused=run.device.type == "cuda")
+
+
+def log_start(run, total: int, per_step: int):
+    args, world = run.args, run.world
+    core = run.model.backbone if args.type == "rm" else run.model
+    if args.type == "grpo":
+        batch = f"{per_step * world} prompts x {args.group_size} = {per_step * world * args.group_size} completions"
+    else:
+        tokens = per_step * world * args.seq_len
+        batch = f"{per_step * world} samples" + (f" ({tokens:,} tokens)" if args.type in ("seq", "sft") else "")
+    mode = f"{'fsdp' if args.fsdp else 'ddp'}, {dist.get_backend()}" if world > 1 else "single process"
+    log0(run.rank, f"{args.type}: {core.num_params() / 1e6:.2f}M parameters | {total} steps | {batch} per step | "
+         f"grad accum {args.grad_accum} | world {world} ({mode}) | device {run.device}")
+
+
+def early_stop(run, record: dict, progress: dict) -> bool:
+    """--patience: True once that many evaluations in a row have not improved on the best."""
+    score = -record["eval_reward"] if "eval_reward" in record else record.get("eval_loss")
+    if score is None or not run.args.patience:
+        return False
+    if progress["best"] is None or score < progress["best"]:
+        progress["best"], progress["bad_evals"] = score, 0
+        return False
+    progress["bad_evals"] += 1
+    return progress["bad_evals"] >= run.args.patience
+
+
+def fit(run, resume_from):
+    """The optimisation loop: batches, optimizer steps, metrics, evaluation, checkpoints."""
+    args, rank, world = run.args, run.rank, run.world
+    sampler = data.DistributedSampler(len(run.dataset), rank, world, args.seed)
+    per_step = run.per_micro * args.grad_accum  # data samples per step and rank
+    total = args.steps or max(1, int(args.epochs * sampler.per_rank / per_step))
+    net = parallelize(run)
+    opt = make_optimizer(run)
+    # progress, saved with each checkpoint: data samples consumed by all ranks (so a run resumes at
+    # another world size), the best eval score and evaluations since (--patience)
+    step, progress = 0, {"samples": 0, "best": None, "bad_evals": 0}
     if resume_from:
-        state = checkpoint.load(resume_from, None, opt, restore_rng=True, map_location=device)
-        step, consumed = state["step"], state["sampler_state"]["consumed"]
+        state = checkpoint.load(resume_from, run.model, opt, load_weights=False, map_location=run.device)
+        saved = state["progress"]
+        if "samples" not in saved:  # format 1 counted this rank's samples as "consumed"
+            saved = {"samples": saved["consumed"] * world}
+        step, progress = state["step"], {**progress, **saved}
         log0(rank, f"resumed from {resume_from} at step {step}")
-
-    net = torch.compile(model) if args.compile else model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
-    core = model.backbone if args.type == "rm" else model
-    tokens_per_step = samples_per_step * world * (args.seq_len if kind in ("seq", "sft") else 0)
-    log0(rank, f"{args.type}: {core.num_params() / 1e6:.2f}M parameters | {total} steps | "
-         f"{samples_per_step * world} samples/step" + (f" ({tokens_per_step:,} tokens)" if tokens_per_step else "")
-         + f" | grad accum {args.grad_accum} | world {world} "
-         f"({dist.get_backend() if world > 1 else 'single process'}) | device {device}")
-
+    log_start(run, total, per_step)
     os.makedirs(args.out, exist_ok=True)
     metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
-    per_micro = args.batch_size // args.group_size if args.type == "grpo" else args.batch_size
-    stream = batch_stream(dataset, sampler, consumed, per_micro, collate)
-    flops = core.flops_per_token(args.seq_len) if device.type == "cuda" else 0
-    best, bad_evals, t_start, start_step = float("inf"), 0, time.time(), step
-    record, mean_loss = {}, float("nan")
+    stream = batch_stream(run.dataset, sampler, progress["samples"] // world, run.per_micro, run.collate)
+    core = run.model.backbone if args.type == "rm" else run.model
+    flops, peak = core.flops_per_token(args.seq_len), peak_flops(run.device)
+    t_start, start_step, record = time.time(), step, {}
     net.train()
-
-    def save(metrics=None):
-        checkpoint.save(args.out, step, model, opt, None,
-                        {"consumed": consumed}, vars(args), tok, metrics, args.keep_last)
-
     while step < total:
         t0 = time.time()
         lr = lr_at(step, total, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        micro = []
-        if args.type == "grpo":
-            micro = [rollout_batch(engine, model, next(stream), args, tok, reward_fn, step, rank, device)
-                     for _ in range(args.grad_accum)]
-        sums, count = {}, 0
-        for _ in range(args.mu if args.type == "grpo" else 1):
-            for m in range(args.grad_accum):
-                batch = micro[m] if micro else to_device(next(stream), device)
-                sync = m == args.grad_accum - 1 or world == 1
-                with (nullcontext() if sync else net.no_sync()), autocast:
-                    loss, metrics = strategy.loss(net, batch)
-                (loss / args.grad_accum).backward()
-                count += 1
-                sums["processed"] = sums.get("processed", 0) + batch["input_ids"].numel()
-                for k, v in {"loss": loss.item(), **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + v
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip or float("inf"))
-            mean_loss, grad_norm = all_mean([sums["loss"] / count, float(grad_norm)], world, device)
-            if not math.isfinite(mean_loss):
-                last = checkpoint.latest(args.out)
-                raise RuntimeError(f"loss is {mean_loss} at step {step + 1}: stopping before the update. "
-                                   f"The last good checkpoint is {last or 'none (nothing saved yet)'}; "
-                                   "lower --lr or check the data, then --resume")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        consumed += samples_per_step
+        # 1. this step's micro-batches; 2. optimizer steps over them (GRPO: mu passes)
+        batches = step_batches(run, stream, step)
+        passes = [optimise(run, net, opt, batches, step) for _ in range(run.passes)]
+        progress["samples"] += per_step * world
         step += 1
+        # 3. the record: last pass's loss and norm, metrics averaged over the passes
         dt = time.time() - t0
-        passes = args.mu if args.type == "grpo" else 1
-        tokens = sums.pop("processed") * world / passes  # tokens through the model this step, all ranks
-        record = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": tokens / dt, "time": time.time()}
-        if flops:
-            record["mfu"] = tokens / dt * flops / (989e12 * world)  # H100 bf16 dense peak
-        record.update({k: v / count for k, v in sums.items() if k not in ("loss", "tokens")})
-        if (args.eval_every and step % args.eval_every == 0 or step == total) and (eval_set is not None):
-            record.update(evaluate(model, strategy, eval_set, args, collate, device, autocast, engine, reward_fn))
+        tokens = sum(b["input_ids"].numel() for b in batches) * world  # through the model per pass, all ranks
+        record = {"step": step, "lr": lr, "tokens_per_s": tokens / dt, "time": time.time(),
+                  **{k: float(np.mean([p[k] for p in passes])) for k in passes[0]},
+                  "loss": passes[-1]["loss"], "grad_norm": passes[-1]["grad_norm"]}
+        if peak:
+            record["mfu"] = tokens * run.passes / dt * flops / (peak * world)
+        if run.eval_set is not None and (args.eval_every and step % args.eval_every == 0 or step == total):
+            record.update(evaluate(run, run.eval_set))
+        stop = early_stop(run, record, progress)
+        # 4. log; 5. checkpoint
         if rank == 0:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
-            if step % args.log_every == 0 or step == total or step == start_step + 1:
+            if step % args.log_every == 0 or step == total or step == start_step + 1 or stop:
                 eta = (time.time() - t_start) / (step - start_step) * (total - step)
                 extra = "".join(f" | {k} {record[k]:.4g}" for k in
                                 ("accuracy", "reward_mean", "kl", "eval_loss", "eval_accuracy", "eval_reward")
                                 if k in record)
-                print(f"step {step}/{total} | loss {mean_loss:.4f} | lr {lr:.2e} | "
+                print(f"step {step}/{total} | loss {record['loss']:.4f} | lr {lr:.2e} | "
                       f"{record['tokens_per_s']:,.0f} tok/s | eta {fmt_time(eta)}{extra}", flush=True)
-        score = -record["eval_reward"] if "eval_reward" in record else record.get("eval_loss")
-        if score is not None and args.patience:
-            if score < best:
-                best, bad_evals = score, 0
-            else:
-                bad_evals += 1
-                if bad_evals >= args.patience:
-                    log0(rank, f"early stop at step {step}: the eval score has not improved for {bad_evals} evaluations")
-                    save(record)
-                    break
-        if args.save_every and step % args.save_every == 0 and step != total:
-            save(record)
-    else:
-        save(record)
+        if stop:
+            log0(rank, f"early stop at step {step}: the eval score has not improved for {progress['bad_evals']} "
+                 "evaluations")
+        if stop or step == total or (args.save_every and step % args.save_every == 0):
+            checkpoint.save(args.out, step, run.model, optimizer=opt, tokenizer=run.tok, config=vars(args),
+                            progress=progress, metrics=record, keep_last=args.keep_last)
+        if stop:
+            break
     if metrics_file:
         metrics_file.close()
-    log0(rank, f"done: step {step}, loss {mean_loss:.4f}, checkpoint {checkpoint.latest(args.out)}")
+    log0(rank, f"done: step {step}, loss {record.get('loss', float('nan')):.4f}, "
+         f"checkpoint {checkpoint.latest(args.out)}")
     return record
 
 
@@ -651,8 +817,10 @@ def main(argv=None):
     if args.nprocs > 1 and "WORLD_SIZE" not in os.environ:
         spawn(args, argv)
     else:
-        return run(args)
+        return run_from_args(args)
 
 
 if __name__ == "__main__":
     main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a rank that torchrun started
+        exit_worker()

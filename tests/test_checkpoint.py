@@ -32,29 +32,28 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def make_run(cfg, seed, amsgrad=False, total=20, warmup=3):
-    """Model, AdamW with a decay / no-decay split (as train.py builds it), LambdaLR warmup + cosine."""
+def make_run(cfg, seed, amsgrad=False):
+    """Model and AdamW with a decay / no-decay split, as train.py builds them."""
     torch.manual_seed(seed)
     model = Transformer(cfg)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), amsgrad=amsgrad)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    return model, opt, sched
+    return model, torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), amsgrad=amsgrad)
 
 
-def train_steps(model, opt, sched, n, B=4, T=16):
-    """n steps on random batches drawn from the global torch RNG inside the loop: resuming must restore it."""
+def train_steps(model, opt, n, start=0, B=4, T=16, total=20, warmup=3):
+    """n steps on random batches drawn from the global torch RNG inside the loop: resuming must restore it.
+    The learning rate is a function of the step (warmup + cosine), as in train.py: nothing to save."""
     losses = []
-    for _ in range(n):
+    for step in range(start, start + n):
+        for group in opt.param_groups:
+            group["lr"] = 3e-3 * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
         x = torch.randint(0, model.config.vocab_size, (B, T + 1))
         loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sched.step()
         losses.append(loss.detach())
     return losses
 
@@ -91,12 +90,13 @@ class StubTokenizer:
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_round_trip_everything(tmp_path, amsgrad):
-    model, opt, sched = make_run(SMALL, 0, amsgrad)
-    train_steps(model, opt, sched, 3)
+    model, opt = make_run(SMALL, 0, amsgrad)
+    train_steps(model, opt, 3)
     random.gauss(0, 1), np.random.randn()  # leave a cached Gaussian in both generators
     config = {"lr": 3e-3, "betas": (0.9, 0.95), "name": "demo", "nested": {"a": [1, 2.5, None, True]}}
-    sampler, metrics = {"consumed": 12, "epoch": 0}, {"loss": 4.1, "tokens": 192}
-    path = checkpoint.save(tmp_path, 3, model, opt, sched, sampler, config, StubTokenizer(), metrics)
+    progress, metrics = {"samples": 12, "best": None}, {"loss": 4.1, "tokens": 192}
+    path = checkpoint.save(tmp_path, 3, model, optimizer=opt, tokenizer=StubTokenizer(), config=config,
+                           progress=progress, metrics=metrics)
     after_save = draws()
 
     assert path == os.path.join(tmp_path, "step_000003") and checkpoint.latest(tmp_path) == path
@@ -106,14 +106,17 @@ def test_round_trip_everything(tmp_path, amsgrad):
     assert Transformer.from_pretrained(path).config == model.config  # still a plain model directory
 
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    model2, opt2, sched2 = make_run(SMALL, 1, amsgrad)
-    info = checkpoint.load(tmp_path, model2, opt2, sched2)
+    model2, opt2 = make_run(SMALL, 1, amsgrad)
+    info = checkpoint.load(tmp_path, model2, opt2)
     assert_same(model.state_dict(), model2.state_dict(), "model")
     assert_same(opt.state_dict(), opt2.state_dict(), "optimizer")
-    assert_same(sched.state_dict(), sched2.state_dict(), "scheduler")
     assert_same(after_save, draws(), "rng draws")
-    assert info == {"step": 3, "sampler_state": sampler, "config": config, "metrics": metrics, "path": path}
+    assert info == {"step": 3, "progress": progress, "config": config, "metrics": metrics, "path": path}
     assert opt2.state[model2.lm_head.weight]["step"].dtype == torch.float32  # step stays a tensor
+    # optimizer tensors are named after their parameters, so any sharding of the model can take them
+    from safetensors import safe_open
+    with safe_open(os.path.join(path, "optimizer.safetensors"), "pt") as f:
+        assert "state.model.norm.weight.exp_avg_sq" in f.keys()
 
 
 def test_keep_last_and_latest(tmp_path):
@@ -152,32 +155,31 @@ def test_empty_run_dir_and_bad_values(tmp_path):
         checkpoint.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such"):
         checkpoint.load(tmp_path / "nope")
-    model, opt, _ = make_run(SMALL, 0)
+    model, opt = make_run(SMALL, 0)
     with pytest.raises(TypeError, match=r"config\['seed'\]: int64"):
         checkpoint.save(tmp_path, 1, model, config={"seed": np.int64(3)})
-
-    class Warmup:  # a callable object: LambdaLR saves its __dict__, here holding a tensor
-        def __init__(self):
-            self.peak = torch.tensor(1.0)
-
-        def __call__(self, step):
-            return 1.0
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, Warmup())
-    with pytest.raises(TypeError, match=r"scheduler.state_dict\(\)\['lr_lambdas'\]\[0\]\['peak'\]: Tensor"):
-        checkpoint.save(tmp_path, 1, model, opt, sched)
+    with pytest.raises(TypeError, match=r"progress\['best'\]: Tensor"):
+        checkpoint.save(tmp_path, 1, model, optimizer=opt, progress={"best": torch.tensor(1.0)})
+    with torch.no_grad():
+        model.model.norm.weight[3] = float("nan")
+    with pytest.raises(ValueError, match=r"not saving step 1: weight 'model.norm.weight' has NaN"):
+        checkpoint.save(tmp_path, 1, model)
     assert os.listdir(tmp_path) == []  # failed before writing anything
 
 
 def test_mismatched_objects_are_rejected(tmp_path):
-    model, opt, _ = make_run(SMALL, 0)
-    checkpoint.save(tmp_path, 1, model, opt)
+    model, opt = make_run(SMALL, 0)
+    train_steps(model, opt, 1)
+    checkpoint.save(tmp_path, 1, model, optimizer=opt)
     with pytest.raises(ValueError, match="shape"):
         checkpoint.load(tmp_path, Transformer(dataclasses.replace(SMALL, intermediate_size=96)))
-    with pytest.raises(ValueError, match="saved without scheduler"):
-        checkpoint.load(tmp_path, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
-    one_group = torch.optim.AdamW(Transformer(SMALL).parameters())
+    other = Transformer(SMALL)
+    one_group = torch.optim.AdamW(other.parameters())
     with pytest.raises(ValueError, match="optimizer state does not fit this AdamW"):
-        checkpoint.load(tmp_path, optimizer=one_group)
+        checkpoint.load(tmp_path, other, one_group)
+    checkpoint.save(tmp_path, 2, model)
+    with pytest.raises(ValueError, match="saved without optimizer state"):
+        checkpoint.load(tmp_path, model, opt)
 
 
 def test_only_rank_zero_writes(tmp_path, monkeypatch):
@@ -196,12 +198,12 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: fused AdamW state and CUDA RNG")
 def test_cuda_round_trip(tmp_path):
-    model, _, _ = make_run(SMALL, 0)
+    model, _ = make_run(SMALL, 0)
     model.cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     model(torch.randint(0, 64, (2, 8), device="cuda")).square().mean().backward()
     opt.step()
-    checkpoint.save(tmp_path, 1, model, opt)
+    checkpoint.save(tmp_path, 1, model, optimizer=opt)
     after_save = torch.rand(3, device="cuda")
     torch.cuda.manual_seed(9)
     model2 = Transformer(SMALL).cuda()
@@ -218,16 +220,16 @@ def test_cuda_round_trip(tmp_path):
 def test_resume_is_bit_exact(tmp_path):
     cfg = dataclasses.replace(PRESETS["tiny"], num_hidden_layers=2, vocab_size=256)
     N = 4
-    model, opt, sched = make_run(cfg, 0)
-    straight = train_steps(model, opt, sched, 2 * N)
+    model, opt = make_run(cfg, 0)
+    straight = train_steps(model, opt, 2 * N)
 
-    model_a, opt_a, sched_a = make_run(cfg, 0)
-    first = train_steps(model_a, opt_a, sched_a, N)
-    checkpoint.save(tmp_path, N, model_a, opt_a, sched_a, {"consumed": N})
-    del model_a, opt_a, sched_a
-    model_b, opt_b, sched_b = make_run(cfg, 123)  # different init, and a different torch RNG position
-    info = checkpoint.load(tmp_path, model_b, opt_b, sched_b)
-    resumed = first + train_steps(model_b, opt_b, sched_b, N)
+    model_a, opt_a = make_run(cfg, 0)
+    first = train_steps(model_a, opt_a, N)
+    checkpoint.save(tmp_path, N, model_a, optimizer=opt_a, progress={"samples": N})
+    del model_a, opt_a
+    model_b, opt_b = make_run(cfg, 123)  # different init, and a different torch RNG position
+    info = checkpoint.load(tmp_path, model_b, opt_b)
+    resumed = first + train_steps(model_b, opt_b, N, start=info["step"])
 
     assert info["step"] == N
     assert [x.item() for x in straight] == [x.item() for x in resumed]
@@ -255,7 +257,7 @@ def writer_loop(run_dir, parent):
         s = checkpoint.load(run_dir, restore_rng=False)["metrics"]["seed"] + 1
     while os.getppid() == parent:  # stop if the zygote is gone
         fill(model, s)
-        checkpoint.save(run_dir, s // 2, model, sampler_state={"s": s}, metrics={"seed": s}, keep_last=2)
+        checkpoint.save(run_dir, s // 2, model, progress={"s": s}, metrics={"seed": s}, keep_last=2)
         s += 1
 
 
@@ -327,9 +329,9 @@ def test_sigkill_while_saving_never_breaks_latest(tmp_path):
     ("truncate", "trainer_state.json", "not valid JSON"),
 ])
 def test_damaged_checkpoint_names_the_file(tmp_path, damage, file, error):
-    model, opt, sched = make_run(SMALL, 0)
-    train_steps(model, opt, sched, 1)
-    path = checkpoint.save(tmp_path, 1, model, opt, sched)
+    model, opt = make_run(SMALL, 0)
+    train_steps(model, opt, 1)
+    path = checkpoint.save(tmp_path, 1, model, optimizer=opt)
     target = os.path.join(path, file)
     if damage == "delete":
         os.remove(target)
@@ -341,9 +343,9 @@ def test_damaged_checkpoint_names_the_file(tmp_path, damage, file, error):
             byte = f.read(1)
             f.seek(-1, 1)
             f.write(bytes([byte[0] ^ 1]))
-    model2, opt2, sched2 = make_run(SMALL, 1)
+    model2, opt2 = make_run(SMALL, 1)
     with pytest.raises((ValueError, FileNotFoundError), match=f"{file}.*{error}|{error}.*{file}") as e:
-        checkpoint.load(tmp_path, model2, opt2, sched2)
+        checkpoint.load(tmp_path, model2, opt2)
     assert "older step" in str(e.value)
 
 
@@ -355,8 +357,38 @@ def test_future_format_version_is_rejected(tmp_path):
     with open(state_file, "w") as f:
         f.write(text.replace(f'"format_version": {checkpoint.FORMAT_VERSION}',
                              f'"format_version": {checkpoint.FORMAT_VERSION + 1}'))
-    with pytest.raises(ValueError, match=r"trainer_state.json: format_version 2 .*update checkpoint.py"):
+    with pytest.raises(ValueError, match=rf"trainer_state.json: format_version {checkpoint.FORMAT_VERSION + 1} "
+                       r".*update checkpoint.py"):
         checkpoint.load(path, Transformer(SMALL))
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    """Format 1 keyed optimizer state by parameter index and called progress sampler_state."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    model, opt = make_run(SMALL, 0)
+    train_steps(model, opt, 2)
+    path = checkpoint.save(tmp_path, 2, model, optimizer=opt, progress={"consumed": 8})
+    state = json.load(open(os.path.join(path, "trainer_state.json")))
+    index = {name: i for i, name in enumerate(n for g in state["optimizer"]["param_groups"] for n in g["params"])}
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    old = {}
+    for key, t in tensors.items():
+        param, field = key.removeprefix("state.").rsplit(".", 1)
+        old[f"state.{index[param]}.{field}"] = t
+    save_file(old, os.path.join(path, "optimizer.safetensors"))
+    state["optimizer"]["state"] = {str(index[k]): v for k, v in state["optimizer"]["state"].items()}
+    for g in state["optimizer"]["param_groups"]:
+        g["params"] = [index[n] for n in g["params"]]
+    state["format_version"], state["sampler_state"] = 1, state.pop("progress")
+    state["files"]["optimizer.safetensors"] = {"bytes": os.path.getsize(os.path.join(path, "optimizer.safetensors")),
+                                               "sha256": checkpoint._sha256(os.path.join(path, "optimizer.safetensors"))}
+    json.dump(state, open(os.path.join(path, "trainer_state.json"), "w"))
+    model2, opt2 = make_run(SMALL, 1)
+    info = checkpoint.load(tmp_path, model2, opt2)
+    assert info["progress"] == {"consumed": 8}
+    assert_same(opt.state_dict(), opt2.state_dict(), "optimizer")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["zygote"]:

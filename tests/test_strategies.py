@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import PRESETS, Transformer
-from strategies import DPO, GRPO, RM, SEQ, SFT, RewardModel, group_advantages, token_logprobs
+from strategies import DPO, GRPO, RM, CrossEntropy, RewardModel, group_advantages, token_logprobs
 
 B, T, V = 3, 7, 11
 
@@ -51,11 +51,13 @@ def test_seq_and_sft_losses(smoothing):
     lp = np_logsoftmax(model.logits.detach().numpy())
     nll = -np.take_along_axis(lp, ids.numpy()[..., None], -1)[..., 0]
     ce = (1 - smoothing) * nll + smoothing * (-lp).mean(-1)
-    loss, _ = SEQ(smoothing).loss(model, {"input_ids": ids, "labels": ids})
+    loss, _ = CrossEntropy(smoothing).loss(model, {"input_ids": ids, "labels": ids})  # seq: every token
     assert loss.item() == pytest.approx(ce.mean(), rel=1e-6)
-    loss, m = SFT(smoothing).loss(model, {"input_ids": ids, "labels": ids, "loss_mask": mask})
+    assert CrossEntropy().count({"input_ids": ids, "labels": ids}) == B * T
+    batch = {"input_ids": ids, "labels": ids, "loss_mask": mask}  # sft: the masked tokens
+    loss, m = CrossEntropy(smoothing).loss(model, batch)
     assert loss.item() == pytest.approx(ce[mask.numpy()].mean(), rel=1e-6)
-    assert m["tokens"] == mask.sum()
+    assert m["tokens"] == mask.sum() == CrossEntropy().count(batch)
     loss.backward()
     grad_rows = model.logits.grad.abs().sum(-1)
     assert (grad_rows[~mask] == 0).all() and (grad_rows[mask] > 0).all()
@@ -92,6 +94,7 @@ def test_dpo_loss_is_ln2_when_policy_equals_reference():
 
 
 def np_grpo(logp, old, ref, mask, rewards, G, kl_coef, lo, hi, scale, aggregation):
+    """(loss, clip_frac): clip_frac counts tokens whose gradient the clip removed."""
     r = rewards.reshape(-1, G)
     adv = r - r.mean(1, keepdims=True)
     if scale:
@@ -100,30 +103,44 @@ def np_grpo(logp, old, ref, mask, rewards, G, kl_coef, lo, hi, scale, aggregatio
     ratio = np.exp(logp - old)
     per = -np.minimum(ratio * adv, np.clip(ratio, 1 - lo, 1 + hi) * adv)
     per = per + kl_coef * (np.exp(ref - logp) - (ref - logp) - 1)
+    removed = ((ratio > 1 + hi) & (adv > 0)) | ((ratio < 1 - lo) & (adv < 0))
+    clip_frac = (removed * mask).sum() / mask.sum()
     if aggregation == "sequence":
-        return np.mean((per * mask).sum(-1) / mask.sum(-1))
-    return (per * mask).sum() / mask.sum()
+        return np.mean((per * mask).sum(-1) / mask.sum(-1)), clip_frac
+    return (per * mask).sum() / mask.sum(), clip_frac
+
+
+def np_logp_at(logits, ids, temperature):
+    return np_target_logp(logits / temperature, ids)
 
 
 @pytest.mark.parametrize("aggregation", ["sequence", "token"])
 @pytest.mark.parametrize("scale", [True, False])
-def test_grpo_loss_against_numpy(aggregation, scale):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_grpo_loss_against_numpy(aggregation, scale, temperature):
+    """Log-probs (policy, sampler, reference) are of softmax(logits / temperature)."""
     G, N = 3, 6
     policy, ref = FixedLogits(N, seed=0), FixedLogits(N, seed=9)
     ids, mask = ids_and_mask(N)
     g = torch.Generator().manual_seed(3)
-    logp_now = token_logprobs(policy.logits.detach(), ids)
-    old = logp_now + 0.4 * torch.randn(N, T - 1, generator=g, dtype=torch.float64)  # some ratios clip
+    logp_now = np_logp_at(policy.logits.detach().numpy(), ids.numpy(), temperature)
+    old = torch.from_numpy(logp_now) + 0.4 * torch.randn(N, T - 1, generator=g, dtype=torch.float64)  # some clip
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0])
     strat = GRPO(ref, G, kl_coef=0.05, clip_low=0.2, clip_high=0.28, scale_rewards=scale,
-                 aggregation=aggregation)
+                 aggregation=aggregation, temperature=temperature)
     loss, metrics = strat.loss(policy, {"input_ids": ids, "completion_mask": mask, "rewards": rewards,
                                         "old_logprobs": old})
-    expected = np_grpo(logp_now.numpy(), old.numpy(), token_logprobs(ref.logits.detach(), ids).numpy(),
-                       mask.numpy()[:, 1:].astype(float), rewards.numpy(), G, 0.05, 0.2, 0.28, scale,
-                       aggregation)
+    expected, clip_frac = np_grpo(logp_now, old.numpy(), np_logp_at(ref.logits.detach().numpy(), ids.numpy(),
+                                                                     temperature),
+                                  mask.numpy()[:, 1:].astype(float), rewards.numpy(), G, 0.05, 0.2, 0.28, scale,
+                                  aggregation)
     assert loss.item() == pytest.approx(expected, rel=1e-9)
-    assert 0 < metrics["clip_frac"] < 1
+    assert metrics["clip_frac"] == pytest.approx(clip_frac, rel=1e-6)  # a float32 mean
+    ratio = np.exp(logp_now - old.numpy())
+    outside = ((ratio > 1.28) | (ratio < 0.8)) * mask.numpy()[:, 1:]
+    assert 0 < clip_frac < outside.sum() / mask[:, 1:].sum()  # fewer than every ratio outside the range
+    m = mask[:, 1:]
+    assert strat.count({"completion_mask": mask}) == (m.sum() if aggregation == "token" else m.any(-1).sum())
     loss.backward()
     grad = policy.logits.grad.abs().sum(-1)[:, :-1]
     assert (grad[~mask[:, 1:]] == 0).all()
@@ -174,9 +191,19 @@ def test_reward_model_bradley_terry_and_round_trip(tmp_path):
     back = RewardModel.from_pretrained(str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(back(ids, mask), rm(ids, mask))
+    rm.backbone.save_pretrained(str(tmp_path / "plain"))
     with pytest.raises(FileNotFoundError, match="not a reward model"):
-        rm.backbone.save_pretrained(str(tmp_path / "plain"))
         RewardModel.from_pretrained(str(tmp_path / "plain"))
+
+
+def test_reward_model_does_not_train_an_untied_head():
+    cfg = dataclasses.replace(PRESETS["tiny"], num_hidden_layers=1, vocab_size=V, tie_word_embeddings=False)
+    rm = RewardModel(Transformer(cfg))
+    ids, mask = ids_and_mask(2 * B)
+    RM().loss(rm, {"input_ids": ids, "response_mask": mask})[0].backward()
+    unused = [n for n, p in rm.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []  # DDP waits for a gradient of every parameter that requires one
+    assert not rm.backbone.lm_head.weight.requires_grad
 
 
 def test_bad_grpo_options():

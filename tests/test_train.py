@@ -1,4 +1,5 @@
 """train.py end to end on CPU: each strategy learns, resume is exact, DDP equals one process, bad args stop early."""
+import contextlib
 import dataclasses
 import json
 import os
@@ -76,21 +77,31 @@ def test_each_strategy_lowers_its_loss_on_a_fixed_batch(kind, files):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def grpo_run(d, tok, *flags, autocast=None):
+    """An in-process GRPO Run over the fixture's model, with a reward that differs within groups."""
+    args = train.build_parser().parse_args(["--type", "grpo", "--data", str(d / "grpo.h5"), "--model", str(d / "model"),
+                                            "--group-size", "4", "--max-new-tokens", "8", *flags])
+    cpu = torch.device("cpu")
+    model = train.build_model(args, tok, cpu)
+    run = train.Run(args, 0, 1, cpu, tok, model, train.build_strategy(args, model, cpu), None, None, None,
+                    autocast or contextlib.nullcontext(), train.make_engine(model, tok, args),
+                    lambda p, c, a: sum(t % 2 == 0 for t in c) / max(len(c), 1))
+    return run, data.collate_grpo([data.load_dataset(str(d / "grpo.h5"), "grpo", 64)[i] for i in range(2)])
+
+
 def test_grpo_raises_the_likelihood_of_rewarded_completions(files):
     d, tok = files
-    args = train.build_parser().parse_args(["--type", "grpo", "--data", str(d / "grpo.h5"), "--model", str(d / "model"),
-                                            "--group-size", "4", "--max-new-tokens", "8"])
-    model = train.build_model(args, tok, torch.device("cpu"))
-    strategy = train.build_strategy(args, model, torch.device("cpu"))
-    ds = data.load_dataset(str(d / "grpo.h5"), "grpo", 64)
-    reward_fn = lambda p, c, a: sum(t % 2 == 0 for t in c) / len(c)  # differs within groups
-    with train.make_engine(model, tok, args) as engine:
-        prompts = data.collate_grpo([ds[0], ds[1]])
-        batch = train.rollout_batch(engine, model, prompts, args, tok, reward_fn, 0, 0, torch.device("cpu"))
-        again = train.rollout_batch(engine, model, prompts, args, tok, reward_fn, 0, 0, torch.device("cpu"))
-    assert torch.equal(batch["input_ids"], again["input_ids"])  # seeded by (seed, step, rank, prompt)
+    run, prompts = grpo_run(d, tok)
+    with run.engine:
+        batch = train.rollout_batch(run, prompts, step=0, micro=0)
+        again = train.rollout_batch(run, prompts, step=0, micro=0)
+        other_micro = train.rollout_batch(run, prompts, step=0, micro=1)
+    assert torch.equal(batch["input_ids"], again["input_ids"])  # seeded by (seed, step, rank, micro, prompt)
+    # the same prompts in another micro-batch of the step draw other completions (they once drew the same)
+    assert not torch.equal(batch["input_ids"], other_micro["input_ids"])
     assert len(set(map(tuple, [r[m].tolist() for r, m in zip(batch["input_ids"], batch["completion_mask"])]))) > 1
     assert batch["input_ids"].shape[0] == 8 and batch["completion_mask"].any(1).all()
+    model, strategy = run.model, run.strategy
     # on-policy: the sampler's log-probs equal the current policy's
     torch.testing.assert_close(batch["old_logprobs"], strategies.token_logprobs(model(batch["input_ids"]),
                                                                                 batch["input_ids"]))
@@ -164,39 +175,75 @@ def _final_weights(run_dir):
     return load_file(os.path.join(run_dir, open(os.path.join(run_dir, "latest")).read().strip(), "model.safetensors"))
 
 
-def test_ddp_two_processes_equal_one_process(files, tmp_path):
-    """Same global batch (2 ranks x 4 vs 1 x 8): same parameters after 3 steps."""
+def torchrun(*argv, nprocs=2):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nprocs), *map(str, argv)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **ONE_THREAD})
+
+
+def test_ddp_and_fsdp_two_processes_equal_one_process(files, tmp_path):
+    """Same global batch (2 ranks x 4 vs 1 x 8): same losses and parameters after 5 steps, for DDP and
+    FSDP, launched by --nprocs and by torchrun."""
     d, _ = files
     # Adam turns last-bit differences in summation order into updates of up to ~lr on
     # near-zero gradients (seen: 3.7e-6 on one element in 8192 with torch 2.13); a rank
     # whose gradients are not averaged moves every weight by ~lr per step (2e-4 here),
     # so lr / 10 separates the two.
-    common = ["--type", "seq", "--data", d / "seq.h5", "--model", d / "model", "--steps", 3,
+    common = ["--type", "seq", "--data", d / "seq.h5", "--model", d / "model", "--steps", 5,
               "--seq-len", 48, "--lr", "2e-4", "--log-every", 100]
     one = run_cli(*common, "--out", tmp_path / "one", "--batch-size", 8, env=ONE_THREAD)
     assert one.returncode == 0, one.stderr[-2000:]
-    spawned = run_cli(*common, "--out", tmp_path / "spawn", "--batch-size", 4, "--nprocs", 2, env=ONE_THREAD)
-    assert spawned.returncode == 0, spawned.stderr[-2000:]
-    assert "world 2 (gloo)" in spawned.stdout
-    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "train.py", *map(str, common), "--out", tmp_path / "trun",
-                               "--batch-size", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, **ONE_THREAD})
-    assert torchrun.returncode == 0, torchrun.stderr[-2000:]
+    runs = {"ddp-spawn": run_cli(*common, "--out", tmp_path / "ddp-spawn", "--batch-size", 4, "--nprocs", 2,
+                                 env=ONE_THREAD),
+            "ddp-torchrun": torchrun("train.py", *common, "--out", tmp_path / "ddp-torchrun", "--batch-size", 4),
+            "fsdp-spawn": run_cli(*common, "--out", tmp_path / "fsdp-spawn", "--batch-size", 4, "--nprocs", 2,
+                                  "--fsdp", env=ONE_THREAD),
+            "fsdp-torchrun": torchrun("train.py", *common, "--out", tmp_path / "fsdp-torchrun", "--batch-size", 4,
+                                      "--fsdp")}
+    for name, r in runs.items():
+        assert r.returncode == 0, (name, r.stderr[-2000:])
+        assert f"world 2 ({name.split('-')[0]}, gloo)" in r.stdout, name
     ref = _final_weights(tmp_path / "one")
     start = load_file(str(d / "model" / "model.safetensors"))
     assert max((ref[k] - start[k]).abs().max().item() for k in ref) > 1e-4  # training moved the weights
-    for run in ("spawn", "trun"):
-        got = _final_weights(tmp_path / run)
+    for name in runs:
+        got = _final_weights(tmp_path / name)
         for k in ref:
-            torch.testing.assert_close(got[k], ref[k], atol=2e-5, rtol=0)
-    assert [m["loss"] for m in metrics(tmp_path / "spawn")] == pytest.approx(
-        [m["loss"] for m in metrics(tmp_path / "one")], abs=1e-5)
+            torch.testing.assert_close(got[k], ref[k], atol=2e-5, rtol=0, msg=lambda m: f"{name} {k}: {m}")
+        assert [m["loss"] for m in metrics(tmp_path / name)] == pytest.approx(
+            [m["loss"] for m in metrics(tmp_path / "one")], abs=1e-5), name
+
+
+def test_fsdp_resume_continues_exactly_and_at_another_world_size(files, tmp_path):
+    """FSDP saves full (gathered) weights and optimizer state keyed by parameter name: resuming with
+    FSDP continues bit for bit; resuming the same checkpoint in one process continues within DDP's
+    tolerance (the optimizer state is not tied to the number of shards)."""
+    d, _ = files
+    common = ["--type", "sft", "--data", d / "sft.h5", "--model", d / "model", "--steps", 4, "--seq-len", 48,
+              "--lr", "2e-4", "--log-every", 100, "--save-every", 2, "--keep-last", 5]
+    full = torchrun("train.py", *common, "--out", tmp_path / "full", "--batch-size", 4, "--fsdp")
+    assert full.returncode == 0, full.stderr[-2000:]
+    for name in ("fsdp", "single"):  # the first half of the run, then resume
+        shutil.copytree(tmp_path / "full", tmp_path / name, ignore=shutil.ignore_patterns("step_000004"))
+        (tmp_path / name / "latest").write_text("step_000002\n")
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics(tmp_path / "full")[:2]))
+    r = torchrun("train.py", *common, "--out", tmp_path / "fsdp", "--batch-size", 4, "--fsdp", "--resume")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    assert [m["loss"] for m in metrics(tmp_path / "fsdp")] == [m["loss"] for m in metrics(tmp_path / "full")]
+    a, b = _final_weights(tmp_path / "full"), _final_weights(tmp_path / "fsdp")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    r = run_cli(*common, "--out", tmp_path / "single", "--batch-size", 8, "--resume", env=ONE_THREAD)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    assert [m["loss"] for m in metrics(tmp_path / "single")] == pytest.approx(
+        [m["loss"] for m in metrics(tmp_path / "full")], abs=1e-5)
+    b = _final_weights(tmp_path / "single")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=0)
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(files, tmp_path, monkeypatch):
     d, _ = files
-    real = strategies.SEQ.loss
+    real = strategies.CrossEntropy.loss
     calls = {"n": 0}
 
     def flaky(self, model, batch):
@@ -204,7 +251,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(files, tmp_path, monkeypatch):
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 3 else loss), m
 
-    monkeypatch.setattr(strategies.SEQ, "loss", flaky)
+    monkeypatch.setattr(strategies.CrossEntropy, "loss", flaky)
     out = tmp_path / "nan"
     with pytest.raises(RuntimeError, match=r"loss is nan at step 3.*step_000002"):
         train.main(["--type", "seq", "--data", str(d / "seq.h5"), "--model", str(d / "model"), "--out", str(out),
@@ -279,3 +326,169 @@ def test_default_run_goes_through_every_stage(tmp_path, capsys):
     assert default_model_dir(str(tmp_path)).startswith(str(tmp_path / "demo-4-grpo"))
     train.demo(str(tmp_path), scale=0.01, eval_problems=16)  # a second demo replaces the first
     assert "replacing the previous demo run" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# Defects once found: each test failed before its fix
+
+def test_nan_gradient_with_a_finite_loss_stops_and_is_never_saved(files, tmp_path, monkeypatch):
+    d, _ = files
+    real = strategies.CrossEntropy.loss
+    calls = {"n": 0}
+
+    def poison_grad(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 3: the loss is finite, one weight's gradient is not
+            next(model.parameters()).register_hook(lambda g: g * float("nan"))
+        return real(self, model, batch)
+    monkeypatch.setattr(strategies.CrossEntropy, "loss", poison_grad)
+    out = tmp_path / "nan-grad"
+    with pytest.raises(RuntimeError, match=r"gradient norm is nan at step 3.*step_000002"):
+        train.main(["--type", "seq", "--data", str(d / "seq.h5"), "--model", str(d / "model"), "--out", str(out),
+                    "--steps", "5", "--save-every", "2", *SMALL])
+    assert open(out / "latest").read().strip() == "step_000002"
+    weights = load_file(str(out / "step_000002" / "model.safetensors"))
+    assert all(t.isfinite().all() for t in weights.values())
+
+
+def untied_model(files, tmp_path):
+    d, tok = files
+    cfg = json.loads((d / "model" / "config.json").read_text())
+    model = Transformer(dataclasses.replace(Transformer.from_pretrained(str(d / "model")).config,
+                                            tie_word_embeddings=False))
+    assert cfg["tie_word_embeddings"] is True and not model.config.tie_word_embeddings
+    model.save_pretrained(str(tmp_path / "untied"))
+    tok.save(str(tmp_path / "untied"))
+    return tmp_path / "untied"
+
+
+def test_reward_model_under_ddp_with_an_untied_head(files, tmp_path):
+    """DDP once failed at step 2: RewardModel.forward never uses lm_head, whose gradient DDP waited for."""
+    d, _ = files
+    model = untied_model(files, tmp_path)
+    r = torchrun("train.py", "--type", "rm", "--data", d / "dpo.h5", "--model", model, "--out", tmp_path / "rm",
+                 "--steps", 3, *SMALL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = load_file(str(tmp_path / "rm" / "step_000003" / "model.safetensors"))
+    start = load_file(str(model / "model.safetensors"))
+    assert torch.equal(saved["lm_head.weight"], start["lm_head.weight"])  # frozen, kept as it was
+    assert not torch.equal(saved["model.norm.weight"], start["model.norm.weight"])  # the backbone trained
+
+
+def test_old_logprobs_are_taken_under_the_same_autocast(files):
+    """Under bf16 autocast the first of the mu passes has ratio exactly 1 (it was 0.98..1.04)."""
+    d, tok = files
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    run, prompts = grpo_run(d, tok, "--temperature", "0.7", autocast=bf16)
+    with run.engine:
+        batch = train.rollout_batch(run, prompts, step=0, micro=0)
+    with torch.no_grad(), bf16:
+        again = run.strategy.logprobs(run.model, batch["input_ids"])
+    assert torch.equal(batch["old_logprobs"], again)
+    fp32 = run.strategy.logprobs(run.model, batch["input_ids"]).detach()
+    assert (fp32 - again).abs().max() > 1e-3  # so the autocast is what makes them equal
+    with bf16:
+        _, m = run.strategy.loss(run.model, batch)
+    assert m["clip_frac"] == 0
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_mask_truncated_completions(files, masked):
+    d, tok = files
+    run, prompts = grpo_run(d, tok, "--max-new-tokens", "3", *(["--mask-truncated"] if masked else []))
+    with run.engine:
+        batch = train.rollout_batch(run, prompts, step=0, micro=0)
+    stop_ids = run.engine.stop_ids
+    finished = torch.tensor([any(int(t) in stop_ids for t in row[m]) for row, m in
+                             zip(batch["input_ids"], batch["completion_mask"] | (batch["input_ids"] < 0))])
+    kept = batch["completion_mask"].any(1)
+    assert (~finished).any()  # 3 tokens: most completions are cut off
+    assert torch.equal(kept, finished if masked else torch.ones_like(kept))
+
+
+def optimise_once(files, batches, world=1):
+    """Parameters minus one SGD(lr=1) step of train.optimise over the micro-batches: the gradient."""
+    d, tok = files
+    args = train.build_parser().parse_args(["--type", "sft", "--data", str(d / "sft.h5"), "--model", str(d / "model"),
+                                            "--clip", "0"])
+    cpu = torch.device("cpu")
+    model = train.build_model(args, tok, cpu)
+    run = train.Run(args, 0, world, cpu, tok, model, train.build_strategy(args, model, cpu), None, None, None,
+                    contextlib.nullcontext())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    net = train.parallelize(run)  # DDP when world > 1
+    out = train.optimise(run, net, torch.optim.SGD(model.parameters(), lr=1.0), batches, step=0)
+    return {k: before[k] - v for k, v in model.state_dict().items()}, out
+
+
+def test_the_split_of_a_batch_does_not_change_the_gradient(files, tmp_path):
+    """SFT, whose micro-batches hold different numbers of loss tokens: one batch of 8, two micro-batches
+    of 4, and two processes of 4 give the same gradient (the global token mean)."""
+    d, tok = files
+    ds = data.load_dataset(str(d / "sft.h5"), "sft", 48)
+    collate = train.collate_for("sft", tok.pad_id)
+    rows = [ds[i] for i in range(8)]
+    halves = [collate(rows[:4]), collate(rows[4:])]
+    assert halves[0]["loss_mask"].sum() != halves[1]["loss_mask"].sum()
+    whole, out = optimise_once(files, [collate(rows)])
+    split, out_split = optimise_once(files, halves)
+    for k in whole:
+        torch.testing.assert_close(split[k], whole[k], atol=1e-6, rtol=1e-5)
+    assert out_split["loss"] == pytest.approx(out["loss"], rel=1e-6)
+    # what a per-micro-batch mean (the old normalisation) gives instead: visibly different
+    per_micro = {k: sum(optimise_once(files, [h])[0][k] for h in halves) / 2 for k in whole}
+    assert max((per_micro[k] - whole[k]).abs().max().item() for k in whole) > 1e-4
+
+    script = tmp_path / "two.py"
+    script.write_text(f"""if True:
+        import os, sys, torch, torch.distributed as dist
+        sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]
+        import data, train
+        from test_train import optimise_once
+        from safetensors.torch import save_file
+        from pathlib import Path
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        d = Path({str(d)!r})
+        tok = train.tokenizer_lib.load(d / "tok")
+        ds = data.load_dataset(str(d / "sft.h5"), "sft", 48)
+        batch = train.collate_for("sft", tok.pad_id)([ds[i] for i in range(8)][rank * 4:rank * 4 + 4])
+        grads, out = optimise_once((d, tok), [batch], world=2)
+        if rank == 0:
+            save_file({{k: v.contiguous() for k, v in grads.items()}}, {str(tmp_path / "grads.safetensors")!r})
+            print("LOSS", out["loss"], flush=True)
+        dist.destroy_process_group()
+        os._exit(0)  # as train.exit_worker: no interpreter teardown under live Gloo threads
+    """)
+    r = torchrun(script)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = load_file(str(tmp_path / "grads.safetensors"))
+    for k in whole:
+        torch.testing.assert_close(two[k], whole[k], atol=1e-6, rtol=1e-5)
+    assert float(r.stdout.split("LOSS")[1]) == pytest.approx(out["loss"], rel=1e-6)
+
+
+def test_early_stopping_state_is_saved(files, tmp_path):
+    d, _ = files
+    out = tmp_path / "patience"
+    r = run_cli("--type", "sft", "--data", d / "sft.h5", "--eval-data", d / "sft.h5", "--model", d / "model",
+                "--out", out, "--steps", 6, "--eval-every", 1, "--eval-batches", 1, "--patience", 100,
+                "--save-every", 1, "--keep-last", 10, *SMALL, "--lr", "3e-2")  # a large lr: some evals get worse
+    assert r.returncode == 0, r.stderr[-2000:]
+    losses = [m["eval_loss"] for m in metrics(out)]
+    best, bad = None, 0
+    for step, loss in enumerate(losses, 1):
+        best, bad = (loss, 0) if best is None or loss < best else (best, bad + 1)
+        progress = train.checkpoint.load(out / f"step_{step:06d}", restore_rng=False)["progress"]
+        assert (progress["best"], progress["bad_evals"]) == (pytest.approx(best), bad)
+    assert bad > 0  # the counter was exercised
+
+
+def test_mfu_uses_the_running_devices_peak(monkeypatch):
+    from types import SimpleNamespace
+    assert train.peak_flops(torch.device("cpu")) == 0
+    cuda = SimpleNamespace(type="cuda")
+    for name, peak in [("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10G", 125e12), ("NVIDIA H200", 989e12),
+                       ("Tesla T4", 0.0)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert train.peak_flops(cuda) == peak, name
