@@ -142,6 +142,7 @@ def test_cli_runs_each_strategy_and_writes_metrics_and_checkpoint(kind, files, t
         Transformer.from_pretrained(str(out / ckpt))
     if kind == "grpo":
         assert {"reward_mean", "clip_frac", "kl", "completion_len", "eval_reward"} <= set(rows[-1])
+        assert "1 prompts x 4 = 4 completions per step" in r.stdout.splitlines()[0]
     if kind == "dpo":
         assert {"accuracy", "margin", "reward_chosen"} <= set(rows[-1])
 
