@@ -235,10 +235,13 @@ def _unwrap(model):
 # -----------------------------------------------------------------------------
 # Save
 
-def save(run_dir, step, model, *, optimizer=None, tokenizer=None, config=None, progress=None, metrics=None,
-         keep_last=3) -> str:
+RESERVED = ("format_version", "step", "files", "rng", "optimizer", "path")  # trainer_state.json's own keys
+
+
+def save(run_dir, step, model, *, optimizer=None, tokenizer=None, info=None, keep_last=3) -> str:
     """Write run_dir/step_{step:06d} atomically, point `latest` at it, keep the newest keep_last (None:
-    all); return its path. progress: where the run is (data position, early-stopping counters), JSON.
+    all); return its path. info: JSON the run keeps with it (train.py: "config", "progress" = data
+    position and early-stopping counters, "metrics"); load() returns it.
     Call it on every rank: under torch.distributed the ranks gather the full state (FSDP), rank 0
     writes while the others wait at a barrier. Weights that are not all finite are never written."""
     if not isinstance(step, int) or step < 0:
@@ -256,8 +259,10 @@ def save(run_dir, step, model, *, optimizer=None, tokenizer=None, config=None, p
             bad = next((k for k, t in model_state.items() if t.is_floating_point() and not t.isfinite().all()), None)
             if bad is not None:
                 raise ValueError(f"not saving step {step}: weight {bad!r} has NaN or inf values")
-            state = {"format_version": FORMAT_VERSION, "step": step, "config": _to_json(config, "config"),
-                     "progress": _to_json(progress, "progress"), "metrics": _to_json(metrics, "metrics")}
+            clash = set(info or {}) & set(RESERVED)
+            assert not clash, f"info keys {sorted(clash)} are trainer_state.json's own"
+            state = {**{k: _to_json(v, k) for k, v in (info or {}).items()},
+                     "format_version": FORMAT_VERSION, "step": step}
             tmp = _write_temp(run_dir, name, state, model, model_state, optimizer_state, tokenizer)
             _replace_dir(tmp, os.path.join(run_dir, name))
             _fsync(run_dir)
@@ -367,31 +372,17 @@ def _read_state(path: str) -> dict:
 
 
 def _load_model(state: dict, model, device: str):
-    """Copy the weights into model's own parameters, so an optimizer built on them stays valid."""
+    """The checkpoint's weights into model's own parameters (Transformer.load_weights checks them)."""
     tensors = {}
     for name in state["files"]:
         if name.startswith("model") and name.endswith(".safetensors"):  # one file or HF-style shards
             tensors.update(load_file(os.path.join(state["path"], name), device=device))
-    expected = model.state_dict()
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    if tied:
-        expected.pop("lm_head.weight", None)  # save_pretrained stores a tied head once, as the embedding
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{state['path']}: weights do not fit the model (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}); was it saved with another config? compare its config.json")
-    for k, t in tensors.items():
-        if t.shape != expected[k].shape:
-            raise ValueError(f"{state['path']}: weight {k!r} has shape {tuple(t.shape)} but the model's is "
-                             f"{tuple(expected[k].shape)}; compare its config.json with the model config")
-    if tied:
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-    model.load_state_dict(tensors, strict=True)
+    model.load_weights(tensors, state["path"])
 
 
 def load(path, model=None, optimizer=None, *, load_weights=True, restore_rng=True, map_location="cpu") -> dict:
     """Restore a checkpoint directory, or the one a run directory's `latest` names, into the objects
-    given; return {"step", "progress", "config", "metrics", "path"}. The optimizer needs its model (its
+    given; return {"step", "path", **info}. The optimizer needs its model (its
     state is keyed by parameter name); load_weights=False leaves the model's weights alone (it was built
     from this checkpoint, and may be sharded by FSDP by now)."""
     state = _read_state(str(path))
@@ -407,8 +398,9 @@ def load(path, model=None, optimizer=None, *, load_weights=True, restore_rng=Tru
                         _unwrap(model), optimizer)
     if restore_rng:
         _set_rng(load_file(os.path.join(path, "rng.safetensors")), state["rng"])
-    progress = state.get("progress", state.get("sampler_state"))  # format 1 called it sampler_state
-    return {"progress": progress, **{k: state[k] for k in ("step", "config", "metrics", "path")}}
+    if state["format_version"] == 1:  # its info was config, sampler_state (now progress), metrics
+        state["progress"] = state.pop("sampler_state")
+    return {k: v for k, v in state.items() if k not in RESERVED or k in ("step", "path")}
 
 
 def _load_optimizer(path, saved, model, optimizer):

@@ -367,11 +367,18 @@ def collate_grpo(samples: list) -> dict:
     return {"prompts": [s["prompt"] for s in samples], "answers": [s["answer"] for s in samples]}
 
 
+def collate(kind: str, samples: list, pad_id: int = 0) -> dict:
+    """A batch of samples of data kind `kind`, as its strategy reads it."""
+    if kind == "dpo":
+        return collate_dpo(samples, pad_id)
+    return collate_grpo(samples) if kind == "grpo" else collate_windows(samples)
+
+
 def load_dataset(path: str, kind: str, seq_len: int, fingerprint=None):
     if kind in ("seq", "sft"):
         return WindowDataset(path, kind, seq_len, fingerprint=fingerprint)
-    if kind in ("dpo", "grpo", "rm"):
-        return RecordDataset(path, "dpo" if kind == "rm" else kind, seq_len, fingerprint)
+    if kind in ("dpo", "grpo"):
+        return RecordDataset(path, kind, seq_len, fingerprint)
     raise ValueError(f"unknown data kind {kind!r}; use one of {sorted(KINDS)}")
 
 

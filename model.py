@@ -309,6 +309,36 @@ class Transformer(nn.Module):
 
     # -- checkpoints ------------------------------------------------------------
 
+    def load_weights(self, tensors: dict, source: str, assign: bool = False):
+        """Load name -> tensor into this model, the one check of a weight file against the config:
+        missing, unexpected or wrong-shaped weights are errors naming the key. A tied head may be
+        stored or not (it is the embedding); old HF checkpoints' rotary inv_freq buffers are skipped.
+        assign=True takes the tensors as they are (a model built on "meta"); else they are copied
+        into the existing parameters, so an optimizer built on them stays valid."""
+        tied = self.config.tie_word_embeddings
+        tensors = {k: v for k, v in tensors.items()
+                   if not k.endswith("rotary_emb.inv_freq") and not (tied and k == "lm_head.weight")}
+        expected = self.state_dict()
+        if tied:
+            expected.pop("lm_head.weight")
+        unexpected = sorted(set(tensors) - set(expected))
+        if unexpected:
+            raise ValueError(f"{source}: unexpected weight {unexpected[0]!r} for model_type "
+                             f"{self.config.model_type!r}; is config.json right for these weights?")
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise ValueError(f"{source}: missing weight {missing[0]!r}"
+                             + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        for k, t in tensors.items():
+            if t.shape != expected[k].shape:
+                raise ValueError(f"{source}: weight {k!r} has shape {tuple(t.shape)}, config.json implies "
+                                 f"{tuple(expected[k].shape)}")
+        if tied:
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+        self.load_state_dict(tensors, strict=True, assign=assign)
+        if tied:  # assign=True replaced both parameters by the same tensor object; keep them one Parameter
+            self.lm_head.weight = self.model.embed_tokens.weight
+
     def save_pretrained(self, path: str, max_shard_bytes: int = 4 << 30, state_dict=None):
         """Write config.json, generation_config.json and safetensors weights to `path`.
 
@@ -371,36 +401,12 @@ class Transformer(nn.Module):
             cfg = config_from_hf(json.load(f))
         with torch.device("meta"):
             model = cls(cfg)
-        expected = model.state_dict()
         tensors = {}
         for file in _weight_files(path):
             with safe_open(file, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    if key.endswith("rotary_emb.inv_freq"):
-                        continue  # old HF checkpoints stored this buffer; we recompute it
-                    if key == "lm_head.weight" and cfg.tie_word_embeddings:
-                        continue  # some tied checkpoints store the head anyway
-                    if key not in expected:
-                        raise ValueError(f"{file}: unexpected weight {key!r} for model_type "
-                                         f"{cfg.model_type!r}; is config.json right for these weights?")
-                    t = f.get_tensor(key)
-                    if t.shape != expected[key].shape:
-                        raise ValueError(f"{file}: weight {key!r} has shape {tuple(t.shape)}, "
-                                         f"config.json implies {tuple(expected[key].shape)}")
-                    tensors[key] = t
-        if cfg.tie_word_embeddings:
-            expected.pop("lm_head.weight")
-        missing = sorted(set(expected) - set(tensors))
-        if missing:
-            raise ValueError(f"{path}: missing weight {missing[0]!r}"
-                             + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-        if cfg.tie_word_embeddings:
-            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-        dtype = dtype or next(iter(tensors.values())).dtype
-        model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()},
-                              strict=True, assign=True)
-        if cfg.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
+                tensors.update({key: f.get_tensor(key) for key in f.keys()})
+        dtype = dtype or tensors.get("model.embed_tokens.weight", next(iter(tensors.values()))).dtype
+        model.load_weights({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, path, assign=True)
         model.model.rotary_emb = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling,
                                                  cfg.max_position_embeddings).to(device)
         gen_file = os.path.join(path, "generation_config.json")

@@ -279,6 +279,6 @@ class RM:
                                               "margin": margin.mean().item(), "tokens": int(mask.sum())}
 
 
-# --type name -> strategy class; the data kind each one reads
-STRATEGIES = {"seq": CrossEntropy, "sft": CrossEntropy, "dpo": DPO, "grpo": GRPO, "rm": RM}
-DATA_KIND = {"seq": "seq", "sft": "sft", "dpo": "dpo", "grpo": "grpo", "rm": "dpo"}
+# --type -> (strategy class, the kind of data it reads: data.KINDS); the one place that says either
+STRATEGIES = {"seq": (CrossEntropy, "seq"), "sft": (CrossEntropy, "sft"), "dpo": (DPO, "dpo"),
+              "grpo": (GRPO, "grpo"), "rm": (RM, "dpo")}

@@ -295,24 +295,11 @@ class Tokenizer:
 
     def __init__(self, vocab, merges, added, patterns, normalizer=None, ignore_merges=False,
                  default_system=None, unk=None):
-        ids = [*vocab.values(), *(i for i, _, _ in added)]
-        bad = [i for i in ids if not isinstance(i, int) or i < 0]
-        if bad:
-            raise ValueError(f"token ids must be non-negative integers, got {bad[:3]}: the file is corrupt")
-        size = 1 + max(ids)
-        self._tokens = [None] * size  # id -> bytes
-        for token, i in vocab.items():
-            self._tokens[i] = token
+        self._tokens = _token_table(vocab, added)  # id -> bytes
         self._added = {content: i for i, content, _ in added}
         self._special = {content for _, content, special in added if special}
         self._special_ids = {self._added[s] for s in self._special}
         self._model_ids = set(vocab.values()) - set(self._added.values())
-        for i, content, _ in added:
-            self._tokens[i] = content.encode("utf-8")
-        holes = [i for i, t in enumerate(self._tokens) if t is None]
-        if holes:
-            raise ValueError(f"token ids must run 0..{size - 1} without gaps; {len(holes)} ids are "
-                             f"missing, first {holes[0]}")
         # Real vocabularies may lack bytes their training text never had (control
         # characters, 0xC0, 0xF5..0xFF). `tokenizers` drops such bytes when encoding, or
         # emits the unk token, and merges the symbols either side; so do we (_bpe).
@@ -322,17 +309,8 @@ class Tokenizer:
             if unk[0] not in vocab:
                 raise ValueError(f"the unk token {token_to_str(unk[0])!r} is not in the vocab: the file is corrupt")
             self._unk_id = vocab[unk[0]]
-        self._merges = []  # (id, id) in rank order
-        self._ranks = {}  # (id, id) -> rank: lower merges first
-        self._merged = {}  # (id, id) -> id of the merged token
-        for a, b in merges:
-            if a not in vocab or b not in vocab or a + b not in vocab:
-                raise ValueError(f"merge {token_to_str(a)!r} + {token_to_str(b)!r} uses or makes a token "
-                                 "that is not in the vocab: the file is corrupt")
-            pair = (vocab[a], vocab[b])
-            self._ranks[pair] = len(self._merges)  # a repeated merge: the last rank wins, as in `tokenizers`
-            self._merged[pair] = vocab[a + b]
-            self._merges.append(pair)
+        # (id, id) in rank order; (id, id) -> rank (lower merges first); (id, id) -> merged id
+        self._merges, self._ranks, self._merged = _merge_tables(vocab, merges)
         self.patterns = list(patterns)
         self._compiled = [regex.compile(p) for p in self.patterns]
         self.normalizer = normalizer
@@ -366,6 +344,10 @@ class Tokenizer:
     im_start_id = property(lambda self: self.token_id(IM_START))
     im_end_id = property(lambda self: self.token_id(IM_END), doc="ends a chat turn")
     special_ids = property(lambda self: set(self._special_ids))
+
+    def is_special(self, token_id):
+        """True for a special token (<|im_end|>, ...): text a user cannot type into a prompt."""
+        return self._check_id(token_id) in self._special_ids
 
     @property
     def stop_ids(self):
@@ -630,6 +612,40 @@ class Tokenizer:
             (directory / name).write_text(json.dumps(content, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
+def _token_table(vocab, added):
+    """id -> bytes of every token (BPE tokens, then added ones as UTF-8). Ids must be non-negative
+    integers running 0..N-1 without gaps, as in any tokenizer.json `tokenizers` writes."""
+    ids = [*vocab.values(), *(i for i, _, _ in added)]
+    bad = [i for i in ids if not isinstance(i, int) or i < 0]
+    if bad:
+        raise ValueError(f"token ids must be non-negative integers, got {bad[:3]}: the file is corrupt")
+    tokens = [None] * (1 + max(ids))
+    for token, i in vocab.items():
+        tokens[i] = token
+    for i, content, _ in added:
+        tokens[i] = content.encode("utf-8")
+    holes = [i for i, t in enumerate(tokens) if t is None]
+    if holes:
+        raise ValueError(f"token ids must run 0..{len(tokens) - 1} without gaps; {len(holes)} ids are "
+                         f"missing, first {holes[0]}")
+    return tokens
+
+
+def _merge_tables(vocab, merges):
+    """merges [(bytes, bytes)] in rank order -> ([(id, id)], {(id, id): rank}, {(id, id): merged id}).
+    Each merge must join two vocab tokens into a third; a repeated merge keeps its last rank, as in
+    `tokenizers`."""
+    order, ranks, merged = [], {}, {}
+    for a, b in merges:
+        if a not in vocab or b not in vocab or a + b not in vocab:
+            raise ValueError(f"merge {token_to_str(a)!r} + {token_to_str(b)!r} uses or makes a token "
+                             "that is not in the vocab: the file is corrupt")
+        pair = (vocab[a], vocab[b])
+        ranks[pair], merged[pair] = len(order), vocab[a + b]
+        order.append(pair)
+    return order, ranks, merged
+
+
 def _common_prefix(a, b):
     """Length of the longest common prefix: [1, 2, 3], [1, 2, 4] -> 2."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -742,10 +758,9 @@ class StreamDecoder:
 
     def feed(self, token_id):
         """One id -> the characters it completes (often "", or several at once)."""
-        token_id = self.tokenizer._check_id(token_id)
-        if self.skip_special and token_id in self.tokenizer._special_ids:
+        if self.skip_special and self.tokenizer.is_special(token_id):
             return ""
-        return self._utf8.decode(self.tokenizer._tokens[token_id])
+        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
 
     def flush(self):
         """The remainder at the end of the stream; an unfinished character becomes U+FFFD."""

@@ -32,6 +32,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -133,7 +134,7 @@ def check_args(args):
         raise SystemExit("error: --type is required (seq, sft, dpo, grpo or rm)")
     if not args.data:
         raise SystemExit(f"error: --data is required: an HDF5 file or folder of "
-                         f"{strategies.DATA_KIND[args.type]!r} data (python data.py prepare)")
+                         f"{strategies.STRATEGIES[args.type][1]!r} data (python data.py prepare)")
     if not os.path.exists(args.data):
         raise SystemExit(f"error: --data {args.data} does not exist")
     if args.resume and not checkpoint.latest(args.out):
@@ -270,14 +271,6 @@ def batch_stream(dataset, sampler, start: int, batch_size: int, collate):
     indices = sampler.iterate(start)
     while True:
         yield collate([dataset[next(indices)] for _ in range(batch_size)])
-
-
-def collate_for(kind: str, pad_id: int):
-    if kind in ("seq", "sft"):
-        return data.collate_windows
-    if kind == "dpo":
-        return lambda s: data.collate_dpo(s, pad_id)
-    return data.collate_grpo
 
 
 def to_device(batch: dict, device) -> dict:
@@ -426,7 +419,7 @@ def build_reference(args, model, tok, device, resuming: bool):
 
 def build_strategy(args, model, device, tok=None, resuming=False):
     """The --type's strategy from STRATEGIES, with its hyperparameters and (dpo, grpo) its reference."""
-    cls = strategies.STRATEGIES[args.type]
+    cls = strategies.STRATEGIES[args.type][0]
     if args.type in ("seq", "sft"):
         return cls(args.label_smoothing)
     if args.type == "rm":
@@ -505,7 +498,7 @@ def train(args, rank, world, device):
         args.model, args.preset, args.ref = started["model"], started["preset"], started["ref"]
     tok = tokenizer_lib.load(resume_from or args.tokenizer or args.model)
     model = build_model(args, tok, device, source=resume_from)
-    kind = strategies.DATA_KIND[args.type]
+    kind = strategies.STRATEGIES[args.type][1]
     try:
         dataset = data.load_dataset(args.data, kind, args.seq_len, tok.fingerprint)
         eval_set = data.load_dataset(args.eval_data, kind, args.seq_len, tok.fingerprint) if args.eval_data else None
@@ -513,7 +506,7 @@ def train(args, rank, world, device):
         raise SystemExit(f"error: {e}")
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     run = Run(args, rank, world, device, tok, model, build_strategy(args, model, device, tok, resume_from is not None),
-              dataset, eval_set, collate_for(kind, tok.pad_id),
+              dataset, eval_set, functools.partial(data.collate, kind, pad_id=tok.pad_id),
               torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
     if args.type == "grpo":
         run.reward_fn, run.engine = make_reward_fn(args, tok, device), make_engine(model, tok, args)
@@ -739,8 +732,8 @@ def fit(run, resume_from):
             log0(rank, f"early stop at step {step}: the eval score has not improved for {progress['bad_evals']} "
                  "evaluations")
         if stop or step == total or (args.save_every and step % args.save_every == 0):
-            checkpoint.save(args.out, step, run.model, optimizer=opt, tokenizer=run.tok, config=vars(args),
-                            progress=progress, metrics=record, keep_last=args.keep_last)
+            checkpoint.save(args.out, step, run.model, optimizer=opt, tokenizer=run.tok, keep_last=args.keep_last,
+                            info={"config": vars(args), "progress": progress, "metrics": record})
         if stop:
             break
     if metrics_file:

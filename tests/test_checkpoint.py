@@ -95,8 +95,8 @@ def test_round_trip_everything(tmp_path, amsgrad):
     random.gauss(0, 1), np.random.randn()  # leave a cached Gaussian in both generators
     config = {"lr": 3e-3, "betas": (0.9, 0.95), "name": "demo", "nested": {"a": [1, 2.5, None, True]}}
     progress, metrics = {"samples": 12, "best": None}, {"loss": 4.1, "tokens": 192}
-    path = checkpoint.save(tmp_path, 3, model, optimizer=opt, tokenizer=StubTokenizer(), config=config,
-                           progress=progress, metrics=metrics)
+    path = checkpoint.save(tmp_path, 3, model, optimizer=opt, tokenizer=StubTokenizer(),
+                           info={"config": config, "progress": progress, "metrics": metrics})
     after_save = draws()
 
     assert path == os.path.join(tmp_path, "step_000003") and checkpoint.latest(tmp_path) == path
@@ -139,10 +139,10 @@ def test_resave_same_step_replaces_it(tmp_path, monkeypatch, how):
         import ctypes
         monkeypatch.setattr(ctypes, "CDLL", no_renameat2)
     model = Transformer(SMALL)
-    checkpoint.save(tmp_path, 7, model, metrics={"n": 1})
+    checkpoint.save(tmp_path, 7, model, info={"metrics": {"n": 1}})
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
-    checkpoint.save(tmp_path, 7, model, metrics={"n": 2})
+    checkpoint.save(tmp_path, 7, model, info={"metrics": {"n": 2}})
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_000007"]
     fresh = Transformer(SMALL)
     assert checkpoint.load(tmp_path, fresh)["metrics"] == {"n": 2}
@@ -157,9 +157,9 @@ def test_empty_run_dir_and_bad_values(tmp_path):
         checkpoint.load(tmp_path / "nope")
     model, opt = make_run(SMALL, 0)
     with pytest.raises(TypeError, match=r"config\['seed'\]: int64"):
-        checkpoint.save(tmp_path, 1, model, config={"seed": np.int64(3)})
+        checkpoint.save(tmp_path, 1, model, info={"config": {"seed": np.int64(3)}})
     with pytest.raises(TypeError, match=r"progress\['best'\]: Tensor"):
-        checkpoint.save(tmp_path, 1, model, optimizer=opt, progress={"best": torch.tensor(1.0)})
+        checkpoint.save(tmp_path, 1, model, optimizer=opt, info={"progress": {"best": torch.tensor(1.0)}})
     with torch.no_grad():
         model.model.norm.weight[3] = float("nan")
     with pytest.raises(ValueError, match=r"not saving step 1: weight 'model.norm.weight' has NaN"):
@@ -225,7 +225,7 @@ def test_resume_is_bit_exact(tmp_path):
 
     model_a, opt_a = make_run(cfg, 0)
     first = train_steps(model_a, opt_a, N)
-    checkpoint.save(tmp_path, N, model_a, optimizer=opt_a, progress={"samples": N})
+    checkpoint.save(tmp_path, N, model_a, optimizer=opt_a, info={"progress": {"samples": N}})
     del model_a, opt_a
     model_b, opt_b = make_run(cfg, 123)  # different init, and a different torch RNG position
     info = checkpoint.load(tmp_path, model_b, opt_b)
@@ -257,7 +257,7 @@ def writer_loop(run_dir, parent):
         s = checkpoint.load(run_dir, restore_rng=False)["metrics"]["seed"] + 1
     while os.getppid() == parent:  # stop if the zygote is gone
         fill(model, s)
-        checkpoint.save(run_dir, s // 2, model, progress={"s": s}, metrics={"seed": s}, keep_last=2)
+        checkpoint.save(run_dir, s // 2, model, info={"progress": {"s": s}, "metrics": {"seed": s}}, keep_last=2)
         s += 1
 
 
@@ -369,7 +369,7 @@ def test_format_1_checkpoints_still_load(tmp_path):
     from safetensors.torch import load_file, save_file
     model, opt = make_run(SMALL, 0)
     train_steps(model, opt, 2)
-    path = checkpoint.save(tmp_path, 2, model, optimizer=opt, progress={"consumed": 8})
+    path = checkpoint.save(tmp_path, 2, model, optimizer=opt, info={"progress": {"consumed": 8}})
     state = json.load(open(os.path.join(path, "trainer_state.json")))
     index = {name: i for i, name in enumerate(n for g in state["optimizer"]["param_groups"] for n in g["params"])}
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))

@@ -1,6 +1,7 @@
 """train.py end to end on CPU: each strategy learns, resume is exact, DDP equals one process, bad args stop early."""
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -55,17 +56,17 @@ def metrics(run_dir):
 def fixed_batch(kind, path, tok):
     ds = data.load_dataset(str(path), kind, 48 if kind in ("seq", "sft") else 128)
     samples = [ds[i] for i in range(4)]
-    return train.collate_for(kind, tok.pad_id)(samples)
+    return data.collate(kind, samples, tok.pad_id)
 
 
 @pytest.mark.parametrize("kind", ["seq", "sft", "dpo", "rm"])
 def test_each_strategy_lowers_its_loss_on_a_fixed_batch(kind, files):
     d, tok = files
-    args = train.build_parser().parse_args(["--type", kind, "--data", str(d / f"{strategies.DATA_KIND[kind]}.h5"),
+    args = train.build_parser().parse_args(["--type", kind, "--data", str(d / f"{strategies.STRATEGIES[kind][1]}.h5"),
                                             "--model", str(d / "model"), "--beta", "1.0"])
     model = train.build_model(args, tok, torch.device("cpu"))
     strategy = train.build_strategy(args, model, torch.device("cpu"))
-    batch = fixed_batch(strategies.DATA_KIND[kind], d / f"{strategies.DATA_KIND[kind]}.h5", tok)
+    batch = fixed_batch(strategies.STRATEGIES[kind][1], d / f"{strategies.STRATEGIES[kind][1]}.h5", tok)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(20):
@@ -126,7 +127,7 @@ def test_cli_runs_each_strategy_and_writes_metrics_and_checkpoint(kind, files, t
     out = tmp_path / kind
     extra = ["--group-size", "4", "--max-new-tokens", "6", "--mu", "2", "--eval-data", d / "grpo.h5",
              "--eval-batches", "1"] if kind == "grpo" else []
-    r = run_cli("--type", kind, "--data", d / f"{strategies.DATA_KIND[kind]}.h5", "--model", d / "model",
+    r = run_cli("--type", kind, "--data", d / f"{strategies.STRATEGIES[kind][1]}.h5", "--model", d / "model",
                 "--out", out, "--steps", 3, *SMALL, *extra)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = metrics(out)
@@ -427,7 +428,7 @@ def test_the_split_of_a_batch_does_not_change_the_gradient(files, tmp_path):
     of 4, and two processes of 4 give the same gradient (the global token mean)."""
     d, tok = files
     ds = data.load_dataset(str(d / "sft.h5"), "sft", 48)
-    collate = train.collate_for("sft", tok.pad_id)
+    collate = functools.partial(data.collate, "sft")
     rows = [ds[i] for i in range(8)]
     halves = [collate(rows[:4]), collate(rows[4:])]
     assert halves[0]["loss_mask"].sum() != halves[1]["loss_mask"].sum()
@@ -453,7 +454,7 @@ def test_the_split_of_a_batch_does_not_change_the_gradient(files, tmp_path):
         d = Path({str(d)!r})
         tok = train.tokenizer_lib.load(d / "tok")
         ds = data.load_dataset(str(d / "sft.h5"), "sft", 48)
-        batch = train.collate_for("sft", tok.pad_id)([ds[i] for i in range(8)][rank * 4:rank * 4 + 4])
+        batch = data.collate("sft", [ds[i] for i in range(8)][rank * 4:rank * 4 + 4])
         grads, out = optimise_once((d, tok), [batch], world=2)
         if rank == 0:
             save_file({{k: v.contiguous() for k, v in grads.items()}}, {str(tmp_path / "grads.safetensors")!r})
