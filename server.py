@@ -195,13 +195,50 @@ def completion_logprobs(tokenizer, logprobs):
             "top_logprobs": [{text(i): v for i, v in lp.top} for lp in logprobs]}
 
 
-def choice_object(chat, index, text, finish_reason, logprobs, tokenizer, delta=False):
-    lp = None if logprobs is None else (chat_logprobs if chat else completion_logprobs)(tokenizer, logprobs)
-    if not chat:
-        return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
-    key, message = ("delta", {"content": text} if text else {}) if delta else \
-        ("message", {"role": "assistant", "content": text})
-    return {"index": index, key: message, "logprobs": lp, "finish_reason": finish_reason}
+def logprobs_object(shape, tok, logprobs):
+    """None when logprobs were not asked for, else the TokenLogprobs in the endpoint's shape."""
+    return None if logprobs is None else shape(tok, logprobs)
+
+
+class Chat:
+    """chat.completion objects: a choice holds a message; a stream opens each choice with its role,
+    sends content deltas, and ends the choice with an empty delta carrying finish_reason."""
+    object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
+
+    @staticmethod
+    def choice(c, tok):
+        return {"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": logprobs_object(chat_logprobs, tok, c.logprobs), "finish_reason": c.finish_reason}
+
+    @staticmethod
+    def opening(n):
+        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(n)]
+
+    @staticmethod
+    def chunks(d, tok):
+        out = [{"index": d.index, "delta": {"content": d.text}, "logprobs": logprobs_object(chat_logprobs, tok, d.logprobs),
+                "finish_reason": None}] if d.text or d.logprobs else []
+        return out + ([{"index": d.index, "delta": {}, "logprobs": None, "finish_reason": d.finish_reason}]
+                      if d.finish_reason else [])
+
+
+class Completion:
+    """text_completion objects: a choice holds text; every stream chunk is one, the last with finish_reason."""
+    object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl-"
+
+    @staticmethod
+    def choice(c, tok):
+        return {"index": c.index, "text": c.text, "logprobs": logprobs_object(completion_logprobs, tok, c.logprobs),
+                "finish_reason": c.finish_reason}
+
+    @staticmethod
+    def opening(n):
+        return []
+
+    @staticmethod
+    def chunks(d, tok):
+        return [Completion.choice(d, tok)]
 
 
 # -----------------------------------------------------------------------------
@@ -363,7 +400,7 @@ class Handler(BaseHTTPRequestHandler):
             prompt = engine.chat_prompt(messages)
         except ValueError as e:  # engine.RequestError: text the tokenizer cannot encode
             raise APIError(400, str(e), "messages") from None
-        self._run(prompt, params, stream, include_usage, chat=True)
+        self._run(self._submit(prompt, params, "messages"), Chat, stream, include_usage)
 
     def _completions(self, body):
         engine = self.server.engine
@@ -371,25 +408,25 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(400, "echo, suffix and best_of are not supported", "echo")
         params = sampling_params(body, engine, chat=False)
         stream, include_usage = stream_flags(body)
-        self._run(completion_prompt(body), params, stream, include_usage, chat=False)
+        self._run(self._submit(completion_prompt(body), params), Completion, stream, include_usage)
 
     def _generate(self, body):
         if not isinstance(body.get("prompt"), str):
             raise APIError(400, "prompt must be a string", "prompt")
         params = sampling_params(body, self.server.engine, chat=True)
-        result = self._wait(self._submit(body["prompt"], params, chat=False))
+        result = self._wait(self._submit(body["prompt"], params))
         self._send_json(200, {"text": result.text, "token_ids": result.token_ids,
                               "finish_reason": result.finish_reason, "usage": result.usage})
 
     # -- running a request ------------------------------------------------------
 
-    def _submit(self, prompt, params, chat):
+    def _submit(self, prompt, params, prompt_param="prompt"):
+        """The engine request; its refusal a 400 naming the field (the prompt's: prompt_param)."""
         from engine import EngineError, RequestError
         try:
             return self.server.engine.submit(prompt, params)
         except RequestError as e:
-            param = "messages" if chat and e.param == "prompt" else e.param
-            raise APIError(400, str(e), param) from None
+            raise APIError(400, str(e), prompt_param if e.param == "prompt" else e.param) from None
         except EngineError as e:
             raise APIError(503, str(e), type="server_error") from None
 
@@ -406,24 +443,20 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(503, "the request was aborted: the server is shutting down", type="server_error")
         return result
 
-    def _run(self, prompt, params, stream, include_usage, chat):
-        request = self._submit(prompt, params, chat)
-        kind = "chat.completion" if chat else "text_completion"
-        head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "object": kind,
-                "created": int(time.time()), "model": self.server.model_name}
+    def _run(self, request, form, stream, include_usage):
+        """Answer with the request's result in form (Chat or Completion): one JSON object, or a stream."""
+        head = {"id": form.id_prefix + uuid.uuid4().hex[:24], "object": form.object, "created": int(time.time()),
+                "model": self.server.model_name}
         tok = self.server.engine.tokenizer
         if not stream:
             result = self._wait(request)
-            choices = [choice_object(chat, c.index, c.text, c.finish_reason, c.logprobs, tok) for c in result.choices]
-            return self._send_json(200, {**head, "choices": choices, "usage": result.usage})
-        head["object"] = "chat.completion.chunk" if chat else "text_completion"
-        extra = {"usage": None} if include_usage else {}
+            return self._send_json(200, {**head, "choices": [form.choice(c, tok) for c in result.choices],
+                                         "usage": result.usage})
+        head = {**head, "object": form.chunk_object, **({"usage": None} if include_usage else {})}
         try:
             self._start_stream()
-            if chat:  # the first delta of each choice carries the role
-                for i in range(params.n):
-                    self._event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                      "logprobs": None, "finish_reason": None}], **extra})
+            for choice in form.opening(request.params.n):
+                self._event({**head, "choices": [choice]})
             for d in request.deltas(timeout=POLL_S):
                 if d is None:
                     if self._client_gone():
@@ -431,12 +464,8 @@ class Handler(BaseHTTPRequestHandler):
                     continue
                 if d.finish_reason == "abort":
                     raise APIError(503, "the request was aborted: the server is shutting down", type="server_error")
-                if d.text or d.logprobs or not chat:
-                    self._event({**head, "choices": [choice_object(chat, d.index, d.text, d.finish_reason if not chat
-                                                                   else None, d.logprobs, tok, delta=True)], **extra})
-                if chat and d.finish_reason:
-                    self._event({**head, "choices": [choice_object(chat, d.index, "", d.finish_reason, None, tok,
-                                                                   delta=True)], **extra})
+                for choice in form.chunks(d, tok):
+                    self._event({**head, "choices": [choice]})
             if include_usage:
                 self._event({**head, "choices": [], "usage": request.result().usage})
             self._end_stream()
@@ -606,7 +635,7 @@ def _raise_open_files_limit(connections):
         pass  # not on this platform, or not allowed: the cap still bounds what we use
 
 
-def main():
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model directory or run directory "
                    "(default: the newest runs/*/latest)")
@@ -625,6 +654,24 @@ def main():
                    "a stream whose client stops reading is aborted after it (default %(default)s)")
     p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
                    help="open connections served at once; more get 503 + Retry-After (default %(default)s)")
+    return p
+
+
+def load_engine(server, args, model_dir):
+    """Load the model into server.engine (the server answers 503 until then) and say what it holds."""
+    import torch
+
+    from engine import InferenceEngine
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    server.engine = e = InferenceEngine.from_pretrained(
+        model_dir, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+        max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
+    print(f"ready: {e.model.num_params() / 1e6:.1f}M params on {device} ({e.model.lm_head.weight.dtype}) | "
+          f"{e.memory()} | sampling defaults from the model: {e.sampling_defaults or 'none'}", flush=True)
+
+
+def main():
+    p = build_parser()
     args = p.parse_args()
     if args.timeout <= 0 or args.max_connections < 1:
         raise SystemExit("error: --timeout must be > 0 and --max-connections >= 1")
@@ -642,17 +689,7 @@ def main():
 
     def load():
         try:
-            import torch
-
-            from engine import InferenceEngine
-            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            server.engine = InferenceEngine.from_pretrained(
-                model_dir, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
-            e = server.engine
-            print(f"ready: {e.model.num_params() / 1e6:.1f}M params on {device} "
-                  f"({e.model.lm_head.weight.dtype}) | {e.memory()} | sampling defaults from the model: "
-                  f"{e.sampling_defaults or 'none'}", flush=True)
+            load_engine(server, args, model_dir)
         except Exception as e:
             failed.append(e)
             stop.set()

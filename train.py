@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a Transformer with one of the strategies: "
                                 "seq (pretraining), sft, dpo, grpo, rm (reward model).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_run_args(p)
+    add_strategy_and_distributed_args(p)
+    return p
+
+
+def add_run_args(p):
+    """What to train, the schedule, numerics, logging, evaluation and checkpoints."""
     g = p.add_argument_group("what to train")
     g.add_argument("--type", choices=sorted(strategies.STRATEGIES), help="training strategy")
     g.add_argument("--data", help="HDF5 file or folder for the strategy (python data.py prepare)")
@@ -98,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patience", type=int, default=0, help="stop after N evaluations without improvement (0: never)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
+
+
+def add_strategy_and_distributed_args(p):
     g = p.add_argument_group("strategy hyperparameters")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="seq/sft")
     g.add_argument("--beta", type=float, default=0.1, help="dpo: KL strength")
@@ -125,7 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fsdp", action="store_true",
                    help="shard parameters, gradients and optimizer state across ranks (FSDP2) instead of DDP's "
                    "full replicas: for models whose training state does not fit one device")
-    return p
 
 
 def check_args(args):
@@ -670,6 +679,42 @@ def early_stop(run, record: dict, progress: dict) -> bool:
     return progress["bad_evals"] >= run.args.patience
 
 
+def resume(run, opt, resume_from) -> tuple:
+    """(step, progress) where the run stands: from the checkpoint being resumed (its optimizer state
+    into opt), or the start. progress, saved with every checkpoint: data samples consumed by all
+    ranks (so a run resumes at another world size), the best eval score and evaluations since."""
+    progress = {"samples": 0, "best": None, "bad_evals": 0}
+    if not resume_from:
+        return 0, progress
+    state = checkpoint.load(resume_from, run.model, opt, load_weights=False, map_location=run.device)
+    saved = state["progress"]
+    if "samples" not in saved:  # format 1 counted this rank's samples as "consumed"
+        saved = {"samples": saved["consumed"] * run.world}
+    log0(run.rank, f"resumed from {resume_from} at step {state['step']}")
+    return state["step"], {**progress, **saved}
+
+
+def step_record(run, step, lr, passes, batches, seconds) -> dict:
+    """metrics.jsonl's line for a step: the last pass's loss and gradient norm, the strategy's metrics
+    averaged over the passes, throughput, and MFU where the device's peak is known."""
+    tokens = sum(b["input_ids"].numel() for b in batches) * run.world  # per pass, all ranks
+    record = {"step": step, "lr": lr, "tokens_per_s": tokens / seconds, "time": time.time(),
+              **{k: float(np.mean([p[k] for p in passes])) for k in passes[0]},
+              "loss": passes[-1]["loss"], "grad_norm": passes[-1]["grad_norm"]}
+    peak = peak_flops(run.device)
+    if peak:
+        core = run.model.backbone if run.args.type == "rm" else run.model
+        record["mfu"] = tokens * run.passes / seconds * core.flops_per_token(run.args.seq_len) / (peak * run.world)
+    return record
+
+
+def progress_line(record, total, eta) -> str:
+    extra = "".join(f" | {k} {record[k]:.4g}" for k in
+                    ("accuracy", "reward_mean", "kl", "eval_loss", "eval_accuracy", "eval_reward") if k in record)
+    return (f"step {record['step']}/{total} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+            f"{record['tokens_per_s']:,.0f} tok/s | eta {fmt_time(eta)}{extra}")
+
+
 def fit(run, resume_from):
     """The optimisation loop: batches, optimizer steps, metrics, evaluation, checkpoints."""
     args, rank, world = run.args, run.rank, run.world
@@ -678,27 +723,15 @@ def fit(run, resume_from):
     total = args.steps or max(1, int(args.epochs * sampler.per_rank / per_step))
     net = parallelize(run)
     opt = make_optimizer(run)
-    # progress, saved with each checkpoint: data samples consumed by all ranks (so a run resumes at
-    # another world size), the best eval score and evaluations since (--patience)
-    step, progress = 0, {"samples": 0, "best": None, "bad_evals": 0}
-    if resume_from:
-        state = checkpoint.load(resume_from, run.model, opt, load_weights=False, map_location=run.device)
-        saved = state["progress"]
-        if "samples" not in saved:  # format 1 counted this rank's samples as "consumed"
-            saved = {"samples": saved["consumed"] * world}
-        step, progress = state["step"], {**progress, **saved}
-        log0(rank, f"resumed from {resume_from} at step {step}")
+    step, progress = resume(run, opt, resume_from)
     log_start(run, total, per_step)
     os.makedirs(args.out, exist_ok=True)
     metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
     stream = batch_stream(run.dataset, sampler, progress["samples"] // world, run.per_micro, run.collate)
-    core = run.model.backbone if args.type == "rm" else run.model
-    flops, peak = core.flops_per_token(args.seq_len), peak_flops(run.device)
     t_start, start_step, record = time.time(), step, {}
     net.train()
     while step < total:
-        t0 = time.time()
-        lr = lr_at(step, total, args)
+        t0, lr = time.time(), lr_at(step, total, args)
         for group in opt.param_groups:
             group["lr"] = lr
         # 1. this step's micro-batches; 2. optimizer steps over them (GRPO: mu passes)
@@ -706,31 +739,21 @@ def fit(run, resume_from):
         passes = [optimise(run, net, opt, batches, step) for _ in range(run.passes)]
         progress["samples"] += per_step * world
         step += 1
-        # 3. the record: last pass's loss and norm, metrics averaged over the passes
-        dt = time.time() - t0
-        tokens = sum(b["input_ids"].numel() for b in batches) * world  # through the model per pass, all ranks
-        record = {"step": step, "lr": lr, "tokens_per_s": tokens / dt, "time": time.time(),
-                  **{k: float(np.mean([p[k] for p in passes])) for k in passes[0]},
-                  "loss": passes[-1]["loss"], "grad_norm": passes[-1]["grad_norm"]}
-        if peak:
-            record["mfu"] = tokens * run.passes / dt * flops / (peak * world)
+        # 3. the step's record, evaluation, early stopping
+        record = step_record(run, step, lr, passes, batches, time.time() - t0)
         if run.eval_set is not None and (args.eval_every and step % args.eval_every == 0 or step == total):
             record.update(evaluate(run, run.eval_set))
         stop = early_stop(run, record, progress)
-        # 4. log; 5. checkpoint
+        # 4. log (rank 0)
         if rank == 0:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
-            if step % args.log_every == 0 or step == total or step == start_step + 1 or stop:
-                eta = (time.time() - t_start) / (step - start_step) * (total - step)
-                extra = "".join(f" | {k} {record[k]:.4g}" for k in
-                                ("accuracy", "reward_mean", "kl", "eval_loss", "eval_accuracy", "eval_reward")
-                                if k in record)
-                print(f"step {step}/{total} | loss {record['loss']:.4f} | lr {lr:.2e} | "
-                      f"{record['tokens_per_s']:,.0f} tok/s | eta {fmt_time(eta)}{extra}", flush=True)
+            if step % args.log_every == 0 or step in (total, start_step + 1) or stop:
+                print(progress_line(record, total, (time.time() - t_start) / (step - start_step) * (total - step)),
+                      flush=True)
         if stop:
-            log0(rank, f"early stop at step {step}: the eval score has not improved for {progress['bad_evals']} "
-                 "evaluations")
+            log0(rank, f"early stop at step {step}: no better eval score in {progress['bad_evals']} evaluations")
+        # 5. checkpoint
         if stop or step == total or (args.save_every and step % args.save_every == 0):
             checkpoint.save(args.out, step, run.model, optimizer=opt, tokenizer=run.tok, keep_last=args.keep_last,
                             info={"config": vars(args), "progress": progress, "metrics": record})
