@@ -199,8 +199,26 @@ def test_task_is_deterministic_verifiable_and_heldout_is_disjoint():
     assert any("答案" in r["chosen"] for r in task.records("dpo", 20))  # bilingual
     for r in task.records("dpo", 50):
         assert r["chosen"] != r["rejected"]
-    for r in grpo[:50]:
-        assert ArithmeticTask.score(ArithmeticTask.reply("+", 0, 0, False, r["answer"]), r["answer"]) == 1.0
     assert ArithmeticTask.score("12 + 30 = 42. The answer is 42.", "42") == 1.0
     assert ArithmeticTask.score("12 + 30 = 42. The answer is 43.", "42") == 0.0
     assert ArithmeticTask.score("no number", "42") == 0.0
+
+
+def test_task_answers_are_right_by_arithmetic():
+    """Recomputed from the numbers in the question and the working in the reply, not from the answer field."""
+    import operator
+    import re
+    ops = {"+": operator.add, "-": operator.sub, "×": operator.mul}
+    task = ArithmeticTask(0)
+
+    def check(question, reply):
+        a, sym, b, answer = re.match(r"(\d+) ([-+×]) (\d+) = (\d+)", reply).groups()
+        assert sorted(re.findall(r"\d+", question)) == sorted([a, b]), (question, reply)
+        return int(answer) == ops[sym](int(a), int(b))
+    for r in task.records("sft", 300):
+        assert check(r["messages"][0]["content"], r["messages"][1]["content"])
+    for r in task.records("dpo", 300):
+        assert check(r["messages"][0]["content"], r["chosen"]) and not check(r["messages"][0]["content"], r["rejected"])
+    for r in task.records("grpo", 300) + task.records("grpo", 100, split="eval"):
+        a, b = map(int, re.findall(r"\d+", r["messages"][0]["content"]))
+        assert int(r["answer"]) in {a + b, abs(a - b), a * b}

@@ -5,10 +5,11 @@ import os
 
 import pytest
 import torch
+import transformers  # the independent reference (requirements-dev.txt); a missing one fails, never skips
 
 from model import PRESETS, ModelConfig, Transformer, config_from_hf
 
-transformers = pytest.importorskip("transformers")
+
 
 TINY_HF = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,

@@ -494,3 +494,68 @@ def test_mfu_uses_the_running_devices_peak(monkeypatch):
                        ("Tesla T4", 0.0)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert train.peak_flops(cuda) == peak, name
+
+
+# -----------------------------------------------------------------------------
+# Golden losses, and flags that shape a run
+
+# tiny fixture model, batch 4 x 48, lr 1e-3 with 3 warmup steps, seed 0, fp32 CPU, torch 2.13
+GOLDEN_SEQ_LOSSES = [5.758396625518799, 5.781301021575928, 5.629327297210693, 5.506131649017334, 5.589879512786865,
+                     5.551608562469482, 5.420385360717773, 5.380083084106445, 5.3530120849609375, 5.345483779907227]
+
+
+def test_golden_first_10_losses_of_a_fixed_seed_run(files, tmp_path):
+    """Any numerical change to the model, the data pipeline, the loss or the optimizer shows here."""
+    d, _ = files
+    train.main(["--type", "seq", "--data", str(d / "seq.h5"), "--model", str(d / "model"), "--out", str(tmp_path / "g"),
+                "--steps", "10", "--warmup", "3", *SMALL])
+    losses = [m["loss"] for m in metrics(tmp_path / "g")]
+    assert losses == pytest.approx(GOLDEN_SEQ_LOSSES, rel=1e-5)
+
+
+def test_patience_stops_and_saves(files, tmp_path):
+    d, _ = files
+    out = tmp_path / "stop"
+    r = run_cli("--type", "sft", "--data", d / "sft.h5", "--eval-data", d / "sft.h5", "--model", d / "model",
+                "--out", out, "--steps", 30, "--eval-every", 2, "--eval-batches", 1, "--patience", 1, *SMALL,
+                "--lr", "3e-2", "--min-lr", "3e-2")  # so large that the eval loss soon stops improving
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = metrics(out)
+    evals = [m["eval_loss"] for m in rows if "eval_loss" in m]
+    assert [m["step"] for m in rows if "eval_loss" in m] == list(range(2, rows[-1]["step"] + 1, 2))  # --eval-every
+    assert rows[-1]["step"] < 30 and f"early stop at step {rows[-1]['step']}" in r.stdout
+    assert evals[-1] >= min(evals[:-1])  # the last evaluation did not improve on the best
+    assert open(out / "latest").read().strip() == f"step_{rows[-1]['step']:06d}"
+
+
+def test_dpo_reference_is_the_start_or_ref(files, tmp_path):
+    """Without --ref the reference is the starting policy, so the first DPO loss is exactly ln 2;
+    with --ref another model, it is not."""
+    import math
+    d, tok = files
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    Transformer(Transformer.from_pretrained(str(d / "model")).config).save_pretrained(str(other))
+    common = ["--type", "dpo", "--data", d / "dpo.h5", "--model", d / "model", "--steps", 1, *SMALL]
+    assert run_cli(*common, "--out", tmp_path / "self").returncode == 0
+    r = run_cli(*common, "--out", tmp_path / "ref", "--ref", other)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert metrics(tmp_path / "self")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(metrics(tmp_path / "ref")[0]["loss"] - math.log(2)) > 1e-3
+
+
+def test_reward_model_as_the_grpo_reward(files, tmp_path):
+    d, tok = files
+    r = run_cli("--type", "rm", "--data", d / "dpo.h5", "--model", d / "model", "--out", tmp_path / "rm",
+                "--steps", 2, *SMALL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    args = train.build_parser().parse_args(["--type", "grpo", "--reward-model", str(tmp_path / "rm" / "step_000002")])
+    score = train.make_reward_fn(args, tok, torch.device("cpu"))
+    rm = strategies.RewardModel.from_pretrained(str(tmp_path / "rm" / "step_000002")).eval()
+    prompt, completion = tok.encode("What is 2 plus 3?"), tok.encode("2 + 3 = 5. The answer is 5.")
+    ids = torch.tensor([prompt + completion])
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, len(prompt):] = True
+    with torch.no_grad():
+        assert score(prompt, completion, "5") == pytest.approx(float(rm(ids, mask)[0]))
+    assert score(prompt, completion, "5") != score(prompt, tok.encode("no idea"), "5")
