@@ -1,5 +1,5 @@
 """Attention: rotary position embeddings, grouped-query attention (GQA),
-multi-head latent attention (MLA), and the slot KV cache both write into.
+multi-head latent attention (MLA), and the paged KV cache both write into.
 
 Shapes, everywhere in this file:
     B batch, T new tokens, S cached length (keys), H query heads,
@@ -26,10 +26,12 @@ Shapes, everywhere in this file:
 Both attention kinds call one kernel, `attend`, which has a readable manual
 path (einsum + softmax) beside torch's SDPA; tests check they agree.
 
-Left out: sliding windows, ALiBi, paged KV blocks, flash-attn varlen kernels.
+Left out: sliding windows, ALiBi, paged-attention kernels that read blocks in place
+(we gather a row's keys first), flash-attn varlen kernels.
 """
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -164,48 +166,64 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # -----------------------------------------------------------------------------
-# KV cache: a fixed pool of sequence slots
+# Paged KV cache: a pool of token slots in fixed-size blocks
 
-class KVCache:
-    """Per layer, per sequence slot, up to max_len cached positions.
+class PagedKVCache:
+    """Per layer, a pool of num_blocks * block_size token slots (vLLM's PagedAttention, Kwon et al.
+    2023, in plain PyTorch). A sequence's tokens live in the blocks of its block table: its token at
+    position p sits in slot table[p // block_size] * block_size + p % block_size. Which blocks
+    belong to whom is the engine's business; the cache only holds the numbers.
 
-    GQA layers store k, v as (slots, Hkv, max_len, D); MLA layers store the
-    normalised latent (slots, max_len, R) and the rotated shared key
-    (slots, max_len, Dr). A forward writes token t of batch row b at
-    [slots[b], positions[b, t]] and reads positions 0..max(positions) of its
-    rows' slots; which slot holds which request, and how long each is, is
-    the engine's business.
+    GQA layers store k and v, each (slots, Hkv, D); MLA layers store the normalised latent
+    (slots, R) and the rotated shared rope key (slots, Dr).
     """
 
-    def __init__(self, shapes: list, num_slots: int, max_len: int,
-                 device=None, dtype=torch.float32):
-        # shapes[layer] = list of per-token feature shapes, with "T" marking the time axis
-        self.num_slots, self.max_len = num_slots, max_len
-        self.layers = []
-        for layer_shapes in shapes:
-            bufs = []
-            for shape in layer_shapes:
-                full = [num_slots] + [max_len if s == "T" else s for s in shape]
-                bufs.append(torch.zeros(full, device=device, dtype=dtype))
-            self.layers.append(bufs)
+    def __init__(self, shapes: list, num_blocks: int, block_size: int, device=None, dtype=torch.float32):
+        # shapes[layer] = the per-token feature shapes of that layer's buffers
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.layers = [[torch.zeros(num_blocks * block_size, *shape, device=device, dtype=dtype)
+                        for shape in layer_shapes] for layer_shapes in shapes]
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for bufs in self.layers for b in bufs)
 
+    @property
+    def bytes_per_block(self) -> int:
+        return self.nbytes() // self.num_blocks
 
-def write_and_read(buf: torch.Tensor, new: torch.Tensor, slots: torch.Tensor,
-                   positions: torch.Tensor, kv_len: int, time_dim: int) -> torch.Tensor:
-    """Scatter `new` into `buf` at (slot, position) and return the rows' first kv_len entries.
 
-    buf (N, ..., Tmax, ...) with time at `time_dim`; new has batch (B) first and
-    time (T) at the same axis as in buf; slots (B,); positions (B, T).
-    Returns the cached prefix for each row: buf[slots] cut to kv_len on time.
+@dataclass
+class KVBatch:
+    """The inference context of one cached forward (None means a training forward).
+
+    positions (B, T): the new tokens' positions; write (B, T): their slots; read (B, S): the slot of
+    each of a row's positions 0..S-1, S = the longest row's length after this forward. A shorter
+    row's tail points anywhere: attention masks every key past the query's position.
     """
-    assert new.shape[time_dim] == positions.shape[1], (new.shape, positions.shape)
-    index = [slots[:, None]] + [slice(None)] * (time_dim - 1) + [positions]
-    # advanced indices separated by slices put (B, T) first in the indexed view
-    buf[tuple(index)] = new.movedim(time_dim, 1) if time_dim > 1 else new
-    return buf.narrow(time_dim, 0, kv_len).index_select(0, slots)
+    cache: PagedKVCache
+    positions: torch.Tensor
+    write: torch.Tensor
+    read: torch.Tensor
+
+    @classmethod
+    def from_tables(cls, cache: "PagedKVCache", positions: torch.Tensor, tables: list) -> "KVBatch":
+        """positions (B, T) of the new tokens; tables[b]: row b's block ids, in order, covering its
+        positions. Slot of position p = table[p // block_size] * block_size + p % block_size."""
+        bs, S = cache.block_size, int(positions.max()) + 1
+        n = -(-S // bs)  # blocks that cover positions 0..S-1
+        table = torch.tensor([t[:n] + [0] * (n - len(t[:n])) for t in tables], device=positions.device)  # (B, n)
+        slots = (table[:, :, None] * bs + torch.arange(bs, device=positions.device)).flatten(1)  # (B, n * bs)
+        return cls(cache, positions, slots.gather(1, positions), slots[:, :S])
+
+    def store_and_gather(self, layer: int, *new: torch.Tensor) -> list:
+        """Write each new (B, T, ...) tensor into layer's buffer at `write`; return each buffer's
+        entries for `read`, (B, S, ...): the readable gather path (vLLM's kernel reads the blocks
+        in place; here the rows' keys are copied out, then SDPA runs)."""
+        out = []
+        for buf, x in zip(self.cache.layers[layer], new):
+            buf[self.write.flatten()] = x.flatten(0, 1).to(buf.dtype)
+            out.append(buf[self.read])
+        return out
 
 
 # -----------------------------------------------------------------------------
@@ -279,9 +297,10 @@ class GQA(nn.Module):
 
     @staticmethod
     def cache_shapes(cfg):
-        return [(cfg.num_key_value_heads, "T", cfg.head_dim)] * 2
+        return [(cfg.num_key_value_heads, cfg.head_dim)] * 2
 
-    def forward(self, x, cos, sin, positions=None, cache_layer=None, slots=None, kv_len=None):
+    def forward(self, x, cos, sin, kv=None, layer=0):
+        """x (B, T, C); kv: the KVBatch of a cached forward (None: training, causal over each row)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.H, -1)  # (B, T, H, D) or (B, T, H, 2D) gated
         if self.gated:
@@ -292,11 +311,10 @@ class GQA(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache_layer is not None:
-            k = write_and_read(cache_layer[0], k, slots, positions, kv_len, time_dim=2)  # (B, Hkv, S, D)
-            v = write_and_read(cache_layer[1], v, slots, positions, kv_len, time_dim=2)
-        q_pos = positions if cache_layer is not None else None
-        out = attend(q, k, v, 1.0 / math.sqrt(self.D), q_pos, self.impl)  # (B, H, T, D)
+        if kv is not None:  # token-major in the cache: (B, T, Hkv, D) in, (B, S, Hkv, D) out
+            k, v = kv.store_and_gather(layer, k.transpose(1, 2), v.transpose(1, 2))
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, S, D)
+        out = attend(q, k, v, 1.0 / math.sqrt(self.D), None if kv is None else kv.positions, self.impl)  # (B, H, T, D)
         out = out.transpose(1, 2)  # (B, T, H, D)
         if self.gated:
             out = out * torch.sigmoid(gate)
@@ -343,9 +361,10 @@ class MLA(nn.Module):
 
     @staticmethod
     def cache_shapes(cfg):
-        return [("T", cfg.kv_lora_rank), ("T", cfg.qk_rope_head_dim)]
+        return [(cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,)]
 
-    def forward(self, x, cos, sin, positions=None, cache_layer=None, slots=None, kv_len=None):
+    def forward(self, x, cos, sin, kv=None, layer=0):
+        """x (B, T, C); kv: the KVBatch of a cached forward (None: training, causal over each row)."""
         B, T, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -357,13 +376,11 @@ class MLA(nn.Module):
         c, k_rope = self.kv_a_proj_with_mqa(x).split([self.R, self.Dr], dim=-1)  # (B, T, R), (B, T, Dr)
         c = self.kv_a_layernorm(c)
         k_rope = apply_rope(k_rope[:, None], cos, sin)[:, 0]  # one rotated key for all heads: (B, T, Dr)
-        if cache_layer is not None:
-            c = write_and_read(cache_layer[0], c, slots, positions, kv_len, time_dim=1)  # (B, S, R)
-            k_rope = write_and_read(cache_layer[1], k_rope, slots, positions, kv_len, time_dim=1)
-        q_pos = positions if cache_layer is not None else None
-        absorb = self.absorb if self.absorb is not None else cache_layer is not None
+        if kv is not None:
+            c, k_rope = kv.store_and_gather(layer, c, k_rope)  # (B, S, R), (B, S, Dr)
+        absorb = self.absorb if self.absorb is not None else kv is not None
         attn = self._absorbed if absorb else self._naive
-        out = attn(q_nope, q_rope, c, k_rope, q_pos)  # (B, H, T, Dv)
+        out = attn(q_nope, q_rope, c, k_rope, None if kv is None else kv.positions)  # (B, H, T, Dv)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def _naive(self, q_nope, q_rope, c, k_rope, q_pos):

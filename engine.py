@@ -46,17 +46,19 @@ speculative decoding, beam search.
 import atexit
 import itertools
 import queue
+import secrets
 import sys
 import threading
 import time
 import traceback
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from attention import KVBatch
 from tokenizer import StreamDecoder
 
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
@@ -251,19 +253,23 @@ _request_ids = itertools.count()
 
 
 class Request:
-    """The handle submit() returns: iterate it for Deltas, result() for the Result, abort() to cancel."""
+    """The handle submit() returns: iterate it for Deltas, result() for the Result, abort() to cancel.
 
-    def __init__(self, engine, prompt_ids, params, max_tokens):
+    The engine completes it through push / complete / fail; callers only read it."""
+
+    def __init__(self, prompt_ids, params, max_tokens, wake):
         self.id = f"req-{next(_request_ids)}"
         self.prompt_ids, self.params, self.max_tokens = prompt_ids, params, max_tokens
         self.submitted_at, self.first_token_at = time.perf_counter(), None
         self.aborted = False
-        self._engine = engine
+        self._wake = wake  # tells the scheduler to look at us now (abort)
         self._queue = queue.SimpleQueue()  # Deltas, or the exception that failed the request
         self._choices = [None] * params.n
         self._open = params.n
         self._error = None
         self._done = threading.Event()
+
+    # -- the caller's side
 
     def __iter__(self):
         return (d for d in self.deltas() if d is not None)
@@ -298,33 +304,240 @@ class Request:
         return Result(self.id, self.prompt_ids, list(self._choices), usage)
 
     def abort(self):
-        """Cancel: the choices finish with "abort" and their slots free within one step.
+        """Cancel: the choices finish with "abort" and their memory frees within one step.
         A no-op once the request is done."""
         if not self._done.is_set():
             self.aborted = True
-            self._engine._wake()
+            self._wake()
 
-    def _fail(self, error):
-        if not self._done.is_set():
-            self._error = error
-            self._queue.put(error)
+    # -- the engine's side
+
+    @property
+    def gone(self):
+        """Aborted or failed: its sequences should stop."""
+        return self.aborted or self._error is not None
+
+    def push(self, delta):
+        self._queue.put(delta)
+
+    def complete(self, choice) -> bool:
+        """Record a finished choice; True once it was the last one."""
+        self._choices[choice.index] = choice
+        self._open -= 1
+        if self._open == 0 and not self._done.is_set():
             self._done.set()
+            return True
+        return False
+
+    def fail(self, error) -> bool:
+        """Fail the whole request; False if it had already ended."""
+        if self._done.is_set():
+            return False
+        self._error = error
+        self._queue.put(error)
+        self._done.set()
+        return True
+
+
+class _Output:
+    """One choice's text as it streams: whole UTF-8 characters, stop strings cut, and what the
+    caller has not been sent yet (text, token ids, logprobs)."""
+
+    def __init__(self, tokenizer, stops):
+        self.decoder, self.stops = StreamDecoder(tokenizer, skip_special=True), stops
+        self.text, self.sent = "", 0
+        self.ids, self.logprobs = [], []
+
+    def add(self, token, lp, as_text=True) -> bool:
+        """Append a token (its text too unless it is a stop token); True if a stop string now ends the text."""
+        self.ids.append(token)
+        if lp is not None:
+            self.logprobs.append(lp)
+        if not as_text:
+            return False
+        start = len(self.text)
+        self.text += self.decoder.feed(token)
+        cut = find_stop(self.text, self.stops, start)
+        if cut is not None:
+            assert cut >= self.sent, f"stop string at {cut} but {self.sent} characters were already sent"
+            self.text = self.text[:cut]
+        return cut is not None
+
+    def delta(self, index, want_logprobs, reason=None, flush=False):
+        """The next Delta, or None if nothing is ready. Until the end, the text that could
+        still begin a stop string is held back; flush ends an unfinished character as U+FFFD."""
+        if flush:
+            self.text += self.decoder.flush()
+        upto = len(self.text) if reason else len(self.text) - held_back(self.text[self.sent:], self.stops)
+        text = self.text[self.sent:upto]
+        if not (text or reason):
+            return None
+        d = Delta(index, text, self.ids, self.logprobs if want_logprobs else None, reason)
+        self.sent, self.ids, self.logprobs = upto, [], []
+        return d
 
 
 class _Sequence:
-    """One choice of one request, as the scheduler thread tracks it."""
+    """One choice of one request, as the scheduler tracks it."""
 
-    def __init__(self, request, index, tokenizer):
+    def __init__(self, request, index, tokenizer, leader=None):
         p = request.params
-        self.request, self.index, self.params = request, index, p
+        self.request, self.index, self.params, self.leader = request, index, p, leader
         self.prompt, self.max_tokens = request.prompt_ids, request.max_tokens
-        self.slot = None
-        self.cached = 0  # prompt tokens already written into the slot
+        self.seed = (p.seed if p.seed is not None else secrets.randbits(63)) + index  # choice i: seed + i
         self.tokens, self.logprobs = [], ([] if p.logprobs else None)
-        self.generator = None  # made at admission, in the scheduler thread: callers' threads never touch torch
-        self.decoder = StreamDecoder(tokenizer, skip_special=True)
-        self.text, self.sent = "", 0  # decoded text so far; how much of it was pushed
-        self.unsent_ids, self.unsent_logprobs = [], []
+        self.blocks, self.hashes = [], []  # block table; identities of its full blocks
+        self.cached = 0  # tokens of prompt + tokens whose keys and values are in the cache
+        self.out = _Output(tokenizer, p.stop)
+
+    def context(self, start=0, end=None) -> list:
+        """Tokens start..end of prompt + generated tokens."""
+        n = len(self.prompt)
+        end = n + len(self.tokens) if end is None else end
+        return (self.prompt[start:end] if start < n else []) + self.tokens[max(start - n, 0):max(end - n, 0)]
+
+    @property
+    def target(self) -> int:
+        """Tokens to have in the cache before the next decode step: the prompt (the first token is
+        sampled at its end), or, after a preemption, everything but the last generated token."""
+        return len(self.prompt) + max(len(self.tokens) - 1, 0)
+
+    @property
+    def decoding(self) -> bool:
+        return bool(self.tokens) and self.cached == self.target
+
+    @property
+    def ready(self) -> bool:
+        """A request's other choices wait until its first has prefilled the prompt, then find the
+        prompt's blocks in the prefix cache instead of computing them again."""
+        lead = self.leader
+        return lead is None or lead.cached >= len(lead.prompt) or lead.request.gone
+
+
+# -----------------------------------------------------------------------------
+# KV blocks: allocation, prefix sharing, eviction
+
+class BlockManager:
+    """Which KV blocks are free, which sequence holds which, and what the full ones hold.
+
+    A full block's identity is hash((previous block's identity, its token ids)), so two blocks with
+    the same identity hold the same keys and values: sequences share them, counting references.
+    A block nobody references keeps its contents and identity, on an LRU list, until its memory is
+    needed: a prompt seen again (a system prompt, a GRPO group, the n choices of a request) is found
+    there. Block 0 of the pool is scratch, never handed out: padding positions write there.
+
+        seq A: [ 1 | 2 | 5 ]        blocks 1, 2 hold A's prompt; 5 its own continuation
+        seq B: [ 1 | 2 | 7 ]        B has the same first 32 prompt tokens: it shares 1 and 2
+    """
+
+    def __init__(self, num_blocks, block_size):
+        self.size = block_size
+        self.refs = [0] * (num_blocks + 1)
+        self.identity = [None] * (num_blocks + 1)
+        self.by_identity = {}
+        self.free = deque(range(1, num_blocks + 1))  # empty blocks
+        self.cached = OrderedDict()  # unreferenced blocks that keep their contents, least recently used first
+        self.hits = self.saved_tokens = 0
+
+    def available(self) -> int:
+        return len(self.free) + len(self.cached)
+
+    def used(self) -> int:
+        return len(self.refs) - 1 - self.available()
+
+    def match_prefix(self, seq) -> int:
+        """Give seq the cached blocks that hold the start of its context; how many tokens they cover.
+        A new sequence leaves at least its prompt's last token to compute (its logits give the first
+        new token); a preempted one may find everything but its last token."""
+        bs, identity = self.size, None
+        limit = seq.target if seq.tokens else len(seq.prompt) - 1
+        for i in range(limit // bs):
+            identity = hash((identity, tuple(seq.context(i * bs, (i + 1) * bs))))
+            block = self.by_identity.get(identity)
+            if block is None:
+                break
+            self._reference(block)
+            seq.blocks.append(block)
+            seq.hashes.append(identity)
+        self.hits += len(seq.blocks)
+        self.saved_tokens += len(seq.blocks) * bs
+        return len(seq.blocks) * bs
+
+    def grow(self, seq, tokens) -> bool:
+        """Blocks for seq's first `tokens` tokens; False, taking none, if there are not enough."""
+        need = -(-tokens // self.size) - len(seq.blocks)
+        if need > self.available():
+            return False
+        seq.blocks += [self._take() for _ in range(need)]
+        return True
+
+    def commit(self, seq):
+        """Give an identity to each block of seq that its cached tokens have filled."""
+        bs = self.size
+        while (len(seq.hashes) + 1) * bs <= seq.cached:
+            i = len(seq.hashes)
+            identity = hash((seq.hashes[-1] if i else None, tuple(seq.context(i * bs, (i + 1) * bs))))
+            seq.hashes.append(identity)
+            block = seq.blocks[i]
+            if identity not in self.by_identity and self.identity[block] is None:
+                self.by_identity[identity], self.identity[block] = block, identity
+
+    def release(self, seq):
+        for block in seq.blocks:
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                if self.identity[block] is None:
+                    self.free.append(block)
+                else:
+                    self.cached[block] = None
+        seq.blocks, seq.hashes = [], []
+
+    def _reference(self, block):
+        if self.refs[block] == 0:
+            del self.cached[block]
+        self.refs[block] += 1
+
+    def _take(self) -> int:
+        if self.free:
+            block = self.free.popleft()
+        else:  # evict the least recently used cached block
+            block, _ = self.cached.popitem(last=False)
+            del self.by_identity[self.identity[block]]
+            self.identity[block] = None
+        self.refs[block] = 1
+        return block
+
+
+# -----------------------------------------------------------------------------
+# Counter-based sampling: a token's random number depends on (seed, choice, position) only
+
+MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser (Steele, Lea, Flood 2014): a bijection on 64-bit ints that scrambles every bit."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def uniform(seed: int, position: int) -> float:
+    """The random number in [0, 1) that draws the token at `position` of a choice with this seed."""
+    return (_mix64(_mix64(seed & MASK64) ^ position) >> 11) / float(1 << 53)
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling, all rows at once: row b takes the first token whose cumulative probability
+    exceeds u_b times the row's total. probs (B, V), u (B,) float64 -> tokens (B,).
+
+    One number per row instead of a generator per request: a seed gives the same tokens whatever else
+    is batched, however a batch is split, and after a preemption, because each draw depends only on
+    its row's distribution and (seed, choice, position). Tokens of zero probability are never drawn.
+    """
+    cdf = probs.double().cumsum(dim=-1)  # (B, V)
+    target = (u.to(cdf.device) * cdf[:, -1])[:, None]  # (B, 1)
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=probs.shape[1] - 1)
 
 
 # -----------------------------------------------------------------------------
@@ -337,30 +550,31 @@ atexit.register(lambda: [e.close() for e in list(_live_engines)])
 
 
 class InferenceEngine:
-    def __init__(self, model, tokenizer, max_batch_size=8, max_seq_len=None, max_prefill_tokens=512):
-        """The model's generation_config (generation_config.json of its directory) is
-        read as vLLM reads it: its eos_token_id (an int or a list) stops generation,
-        and its temperature, top_p, top_k, min_p and repetition_penalty are the
-        defaults of sampling_params()."""
+    def __init__(self, model, tokenizer, max_batch_size=8, max_seq_len=None, max_prefill_tokens=512,
+                 kv_cache_gb=None, block_size=16):
+        """max_batch_size: sequences decoded together. kv_cache_gb: the KV pool's size (default:
+        enough for max_batch_size sequences at max_seq_len, at most 4 GiB on CPU or half the free
+        memory of a GPU). The model's generation_config (generation_config.json of its directory)
+        is read as vLLM reads it: its eos_token_id (an int or a list) stops generation, and its
+        temperature, top_p, top_k, min_p and repetition_penalty are the defaults of sampling_params()."""
         cfg = model.config
         max_seq_len = max_seq_len or cfg.max_position_embeddings
-        if not (_is_int(max_batch_size) and max_batch_size >= 1):
-            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        for name, value, low in (("max_batch_size", max_batch_size, 1), ("max_prefill_tokens", max_prefill_tokens, 1),
+                                 ("block_size", block_size, 1)):
+            if not (_is_int(value) and value >= low):
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not (_is_int(max_seq_len) and 2 <= max_seq_len <= cfg.max_position_embeddings):
             raise ValueError(f"max_seq_len must be in [2, {cfg.max_position_embeddings}] (the model's "
                              f"max_position_embeddings), got {max_seq_len!r}")
-        if not (_is_int(max_prefill_tokens) and max_prefill_tokens >= 1):
-            raise ValueError(f"max_prefill_tokens must be an integer >= 1, got {max_prefill_tokens!r}")
         if tokenizer.vocab_size > cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{cfg.vocab_size}: they do not belong together")
         self.model, self.tokenizer = model, tokenizer  # no .eval(): the caller may be training it (GRPO)
         self.max_batch_size, self.max_seq_len, self.max_prefill_tokens = max_batch_size, max_seq_len, max_prefill_tokens
         self.device = next(model.parameters()).device
-        self.cache = model.make_cache(max_batch_size, max_seq_len)
-        V = cfg.vocab_size
-        self._seen = torch.zeros(max_batch_size, V, dtype=torch.bool, device=self.device)  # prompt + output
-        self._counts = torch.zeros(max_batch_size, V, device=self.device)  # output tokens only
+        num_blocks = self._pool_blocks(kv_cache_gb, block_size)
+        self.cache = model.make_cache(num_blocks + 1, block_size)  # + block 0, the scratch block
+        self.blocks = BlockManager(num_blocks, block_size)
         gen = getattr(model, "generation_config", {})
         eos = gen.get("eos_token_id", cfg.eos_token_id)
         self.stop_ids = set(tokenizer.stop_ids) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -369,16 +583,35 @@ class InferenceEngine:
             SamplingParams(**self.sampling_defaults)
         except RequestError as e:
             raise ValueError(f"generation_config.json: {e}") from None
-        self._free = list(range(max_batch_size - 1, -1, -1))  # pop() hands out slot 0 first
         self._waiting, self._running = deque(), []
         self._cv = threading.Condition()
         self._closed = False
         self._perf = {"prefill": deque(maxlen=64), "decode": deque(maxlen=64)}  # (tokens, seconds) per step
         self._ttft = deque(maxlen=100)
-        self._counters = {"requests_finished": 0, "requests_aborted": 0, "requests_failed": 0, "tokens_generated": 0}
+        self._counters = {"requests_finished": 0, "requests_aborted": 0, "requests_failed": 0, "tokens_generated": 0,
+                          "prefill_tokens": 0, "preemptions": 0}
         self._thread = threading.Thread(target=self._loop, name="engine-scheduler", daemon=True)
         self._thread.start()
         _live_engines.add(self)
+
+    def _pool_blocks(self, kv_cache_gb, block_size) -> int:
+        per_block = self.model.make_cache(1, block_size, device="meta").nbytes()
+        per_seq = -(-self.max_seq_len // block_size)
+        if kv_cache_gb is None:
+            if self.device.type == "cuda":
+                budget = torch.cuda.mem_get_info(self.device)[0] // 2
+            else:
+                budget = 4 << 30
+            blocks = min(self.max_batch_size * per_seq, budget // per_block)
+        elif not (_is_num(kv_cache_gb) and kv_cache_gb > 0):
+            raise ValueError(f"kv_cache_gb must be a number > 0, got {kv_cache_gb!r}")
+        else:
+            blocks = int(kv_cache_gb * 2**30) // per_block
+        if blocks < per_seq:
+            raise ValueError(f"a KV cache of {blocks} blocks ({blocks * per_block:,} bytes) cannot hold one "
+                             f"{self.max_seq_len}-token sequence ({per_seq} blocks of {block_size}); give it "
+                             f"more memory (kv_cache_gb) or lower max_seq_len")
+        return blocks
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, **kwargs):
@@ -403,10 +636,11 @@ class InferenceEngine:
 
     def memory(self) -> str:
         """One line: what the KV cache holds and its size."""
-        n = self.cache.nbytes()
+        n, blocks = self.cache.nbytes(), self.cache.num_blocks - 1
         dtype = str(self.cache.layers[0][0].dtype).removeprefix("torch.")
         size = f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-        return f"KV cache {size} ({n:,} bytes, {dtype}): {self.max_batch_size} slots x {self.max_seq_len} tokens"
+        return (f"KV cache {size} ({n:,} bytes, {dtype}): {blocks} blocks of {self.cache.block_size} tokens "
+                f"({blocks * self.cache.block_size:,} tokens) for up to {self.max_batch_size} sequences")
 
     # -- submitting -------------------------------------------------------------
 
@@ -418,8 +652,11 @@ class InferenceEngine:
         V = self.model.config.vocab_size
         bad = next((i for i in params.stop_token_ids if i >= V), None)
         _need(bad is None, "stop_token_ids", f"token id {bad} is outside the vocabulary [0, {V})")
-        request = Request(self, ids, params, self._max_tokens(len(ids), params))
-        sequences = [_Sequence(request, i, self.tokenizer) for i in range(params.n)]
+        _need(params.n <= self.max_batch_size, "n", f"{params.n} choices but this engine decodes at most "
+              f"{self.max_batch_size} sequences at once (max_batch_size)")
+        request = Request(ids, params, self._max_tokens(len(ids), params), self._wake)
+        first = _Sequence(request, 0, self.tokenizer)
+        sequences = [first] + [_Sequence(request, i, self.tokenizer, leader=first) for i in range(1, params.n)]
         with self._cv:
             if self._closed:
                 raise EngineError("the engine is closed")
@@ -493,19 +730,22 @@ class InferenceEngine:
         self.close()
 
     def stats(self) -> dict:
-        """Queue sizes count sequences (a request with n choices counts n); rates are
-        over the last 64 steps of each kind; time to first token over the last 100 requests."""
+        """Queue sizes count sequences (a request with n choices counts n); rates are over the last 64
+        steps of each kind; time to first token over the last 100 requests; prefix-cache hits in blocks."""
         def rate(kind):
             steps = list(self._perf[kind])
             seconds = sum(s for _, s in steps)
             return round(sum(n for n, _ in steps) / seconds, 1) if seconds else 0.0
         ttft = list(self._ttft)
+        b = self.blocks
         with self._cv:
-            free = len(self._free)  # a slot is freed before its request completes, so these never lag
-            out = {"waiting": len(self._waiting), "running": self.max_batch_size - free, "free_slots": free}
+            out = {"waiting": len(self._waiting), "running": len(self._running),
+                   "free_slots": self.max_batch_size - len(self._running)}
         return {**out, "max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,
-                "kv_cache_bytes": self.cache.nbytes(),
-                "prefill_tokens_per_s": rate("prefill"), "decode_tokens_per_s": rate("decode"),
+                "kv_cache_bytes": self.cache.nbytes(), "block_size": b.size, "blocks_total": len(b.refs) - 1,
+                "blocks_used": b.used(), "blocks_cached": len(b.cached), "prefix_cache_hits": b.hits,
+                "prefill_tokens_saved": b.saved_tokens, "prefill_tokens_per_s": rate("prefill"),
+                "decode_tokens_per_s": rate("decode"),
                 "time_to_first_token_s": round(sum(ttft) / len(ttft), 4) if ttft else None, **self._counters}
 
     # -- the scheduler thread ---------------------------------------------------
@@ -524,27 +764,30 @@ class InferenceEngine:
                     print(f"engine: a step failed; failing its {len(self._running)} running sequences",
                           file=sys.stderr)
                     traceback.print_exc()
-                    self._fail_running(e)
+                    for seq in list(self._running):
+                        self._fail_request(seq.request, e)
         for seq in list(self._running) + list(self._waiting):
             self._finish(seq, "abort")
         self._waiting.clear()
 
     def _step(self):
+        """Drop what was aborted, admit what fits, one decode step for every sequence past its prompt
+        (preempting the newest when blocks run out), one budget of prefill chunks."""
         self._drop_aborted()
         self._admit()
-        decoding = [s for s in self._running if s.tokens]  # (B, 1) inputs: every sequence past its prompt
+        decoding = self._reserve([s for s in self._running if s.decoding])  # each gets room for one more token
         if decoding:
             self._isolated(self._decode, decoding)
         rows = self._plan_prefill()
         if rows:
             self._isolated(self._prefill, rows)
-        self._running = [s for s in self._running if s.slot is not None]
+        self._running = [s for s in self._running if s.blocks]
 
     def _isolated(self, phase, rows):
-        """phase(rows); if it raises, each row again alone, so that only the rows that fail
-        by themselves fail (their requests get the error) and the rest go on. A phase
-        changes nothing before its draws but cache entries it rewrites identically, so a
-        retried row's output is the same as if the batch had never failed."""
+        """phase(rows); if it raises, each row again alone, so that only the rows that fail by
+        themselves fail (their requests get the error) and the rest go on. A phase changes nothing
+        but cache entries it rewrites identically until it has sampled, and sampling is a function
+        of (seed, position), so a retried row's output is the same as if the batch had not failed."""
         try:
             phase(rows)
         except Exception as e:
@@ -555,100 +798,115 @@ class InferenceEngine:
             for row in rows:
                 self._isolated(phase, [row])
 
-    def _decode(self, seqs):
-        """One new token for each sequence past its prompt: (B, 1) through the model."""
-        t0 = time.perf_counter()
-        logits = self._forward(seqs, [[s.tokens[-1]] for s in seqs],
-                               [len(s.prompt) + len(s.tokens) - 1 for s in seqs], [True] * len(seqs))
-        self._sample_and_advance(seqs, logits)
-        self._perf["decode"].append((len(seqs), time.perf_counter() - t0))
-
-    def _prefill(self, rows):
-        """The next chunk of each [(sequence, chunk length)]; a sequence whose prompt is
-        then complete samples its first token."""
-        t0 = time.perf_counter()
-        seqs = [s for s, _ in rows]
-        chunks = [s.prompt[s.cached:s.cached + c] for s, c in rows]
-        done = [s.cached + c == len(s.prompt) for s, c in rows]
-        logits = self._forward(seqs, chunks, [s.cached for s in seqs], done)
-        tokens, lps = self._sample([s for s, d in zip(seqs, done) if d], logits) if any(done) else ([], [])
-        for s, c in rows:  # only now: a retry of this phase must start from the same place
-            s.cached += c
-        if any(done):
-            self._advance_all([s for s, d in zip(seqs, done) if d], tokens, lps)
-        self._perf["prefill"].append((sum(c for _, c in rows), time.perf_counter() - t0))
-
     def _drop_aborted(self):
         with self._cv:
-            gone = lambda s: s.request.aborted or s.request._error is not None  # noqa: E731
-            dropped = [s for s in self._waiting if gone(s)]
+            dropped = [s for s in self._waiting if s.request.gone]
             if dropped:
-                self._waiting = deque(s for s in self._waiting if not gone(s))
+                self._waiting = deque(s for s in self._waiting if not s.request.gone)
         for seq in dropped + [s for s in self._running if s.request.aborted]:
             self._finish(seq, "abort")
-        self._running = [s for s in self._running if s.slot is not None]
+        self._running = [s for s in self._running if s.blocks]
 
     def _admit(self):
+        """Waiting sequences, oldest first, while there is a place in the batch and blocks for the
+        whole prompt (less what the prefix cache already holds) plus the first new token."""
         with self._cv:
-            admitted = []
-            while self._waiting and self._free:
-                seq = self._waiting.popleft()
-                seq.slot = self._free.pop()
-                admitted.append(seq)
-            self._running += admitted  # at once: a failure below must still find (and free) these slots
-        for seq in admitted:  # a fresh generator; the slot's penalty state reset to this prompt
-            seq.generator = torch.Generator(device=self.device)
-            if seq.params.seed is None:
-                seq.generator.seed()
-            else:
-                seq.generator.manual_seed((seq.params.seed + seq.index) % (1 << 64))  # torch wants a uint64
-            self._seen[seq.slot] = False
-            self._seen[seq.slot, torch.tensor(seq.prompt, device=self.device)] = True
-            self._counts[seq.slot] = 0
+            for seq in [s for s in self._waiting if s.ready]:
+                if len(self._running) >= self.max_batch_size:
+                    break
+                seq.cached = self.blocks.match_prefix(seq)
+                if not self.blocks.grow(seq, seq.target + 1):
+                    self.blocks.release(seq)
+                    break
+                self._waiting.remove(seq)
+                self._running.append(seq)
+
+    def _reserve(self, seqs) -> list:
+        """Room for one more token for each sequence, oldest first. When blocks run out, the
+        newest running sequence is preempted: its blocks are freed and it goes back to the front
+        of the queue, to recompute its prompt and output later (vLLM's "recompute" policy)."""
+        ready = []
+        for seq in seqs:
+            while seq.blocks and not self.blocks.grow(seq, seq.cached + 1):
+                self._preempt(max((s for s in self._running if s.blocks), key=lambda s: self._running.index(s)))
+            if seq.blocks:
+                ready.append(seq)
+        return ready
+
+    def _preempt(self, seq):
+        self.blocks.release(seq)
+        seq.cached = 0
+        self._counters["preemptions"] += 1
+        with self._cv:
+            self._waiting.appendleft(seq)
 
     def _plan_prefill(self):
         """[(sequence, chunk length)], FIFO, with padded size rows * T <= max_prefill_tokens.
 
-        Rows are right-padded to the longest chunk T. Padding tokens are written
-        past a row's real tokens and overwritten before anything attends to them,
-        so they only need to stay inside the cache (cached + T <= max_seq_len).
-        """
-        rows, T, top = [], 0, 0
-        budget = self.max_prefill_tokens
+        Rows are right-padded to the longest chunk T. Padding tokens are written past a row's
+        real tokens (into its own unused slots or the scratch block) and overwritten before
+        anything attends to them."""
+        rows, T, budget = [], 0, self.max_prefill_tokens
         for s in self._running:
-            todo = len(s.prompt) - s.cached
-            if todo == 0 or s.slot is None:
+            todo = s.target - s.cached
+            if todo <= 0 or not s.blocks:
                 continue
             for c in (min(todo, budget), min(todo, T)):  # as much as fits, else no longer than the others
-                T_new = max(T, c)
-                if c > 0 and (len(rows) + 1) * T_new <= budget and max(top, s.cached) + T_new <= self.max_seq_len:
+                if c > 0 and (len(rows) + 1) * max(T, c) <= budget:
                     rows.append((s, c))
-                    T, top = T_new, max(top, s.cached)
+                    T = max(T, c)
                     break
         return rows
 
+    def _decode(self, seqs):
+        """One new token for each sequence past its prompt: (B, 1) through the model."""
+        t0 = time.perf_counter()
+        positions = [s.cached for s in seqs]  # the last token's position: it is not in the cache yet
+        logits = self._forward(seqs, [[s.tokens[-1]] for s in seqs], positions, [True] * len(seqs))
+        tokens, lps = self._sample(seqs, logits)
+        for s in seqs:
+            s.cached += 1
+            self.blocks.commit(s)
+        self._advance_all(seqs, tokens, lps)
+        self._perf["decode"].append((len(seqs), time.perf_counter() - t0))
+
+    def _prefill(self, rows):
+        """The next chunk of each [(sequence, chunk length)]; a new sequence whose prompt is then
+        complete samples its first token (a preempted one just resumes decoding)."""
+        t0 = time.perf_counter()
+        seqs = [s for s, _ in rows]
+        chunks = [s.context(s.cached, s.cached + c) for s, c in rows]
+        first = [s.cached + c == s.target and not s.tokens for s, c in rows]
+        logits = self._forward(seqs, chunks, [s.cached for s in seqs], first)
+        sampling = [s for s, f in zip(seqs, first) if f]
+        tokens, lps = self._sample(sampling, logits) if sampling else ([], [])
+        for s, c in rows:  # only now: a retry of this phase must start from the same place
+            s.cached += c
+            self.blocks.commit(s)
+        self._advance_all(sampling, tokens, lps)
+        n = sum(c for _, c in rows)
+        self._counters["prefill_tokens"] += n
+        self._perf["prefill"].append((n, time.perf_counter() - t0))
+
     def _forward(self, seqs, chunks, starts, want):
-        """Write chunks[b] into seqs[b]'s slot from position starts[b]; logits (sum(want), V)
-        at the last real token of each row b with want[b]."""
+        """Write chunks[b] into seqs[b]'s blocks from position starts[b]; logits (sum(want), V) at
+        the last real token of each row b with want[b], the only rows that need them."""
         dev = self.device
         T = max(map(len, chunks))
         ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=dev)  # (B, T)
         positions = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)  # (B, T)
-        slots = torch.tensor([s.slot for s in seqs], device=dev)  # (B,)
-        h = self.model.hidden_states(ids, positions, self.cache, slots)  # (B, T, C)
+        h = self.model.hidden_states(ids, KVBatch.from_tables(self.cache, positions, [s.blocks for s in seqs]))
         rows = [b for b in range(len(chunks)) if want[b]]
         if not rows:
             return None  # mid-prompt chunks only: nothing to sample yet
         last = torch.tensor([len(chunks[b]) - 1 for b in rows], device=dev)
-        h = h[torch.tensor(rows, device=dev), last]  # (B', C)
-        return self.model.lm_head(h).float()  # (B', V)
+        return self.model.lm_head(h[torch.tensor(rows, device=dev), last]).float()  # (B', V)
 
     def _sample(self, seqs, logits):
-        """One token per row (B,) and, for rows that asked, its TokenLogprob.
+        """One token per row (B,) and, for rows that asked, its TokenLogprob; one transfer to the host.
 
-        Every row's distribution is checked before the first draw: a row that is not
-        a distribution (NaN, or nothing left after filtering) raises here, before any
-        generator has moved, so _isolated can rerun the rows alone and fail only it."""
+        Every row's distribution is checked first: a row that is not one (NaN, or nothing left
+        after filtering) raises, so _isolated reruns the rows alone and fails only that one."""
         dev, B = self.device, len(seqs)
         P = [s.params for s in seqs]
         def col(name, dtype=torch.float32):  # one setting for every row: (B,)
@@ -656,9 +914,9 @@ class InferenceEngine:
         logits[:, self.tokenizer.vocab_size:] = float("-inf")  # padded vocab rows the tokenizer cannot decode
         logprobs = logits.log_softmax(dim=-1) if any(p.logprobs for p in P) else None  # (B, V)
         if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in P):
-            slots = torch.tensor([s.slot for s in seqs], device=dev)
-            logits = apply_penalties(logits, self._seen[slots], self._counts[slots], col("repetition_penalty"),
-                                     col("presence_penalty"), col("frequency_penalty"))
+            seen, counts = self._history(seqs, logits.shape[1])
+            logits = apply_penalties(logits, seen, counts, col("repetition_penalty"), col("presence_penalty"),
+                                     col("frequency_penalty"))
         tokens = logits.argmax(dim=-1)  # (B,): greedy rows keep this
         ok = ~logits.isnan().any(dim=-1) & (logits > float("-inf")).any(dim=-1)  # (B,)
         hot = [b for b in range(B) if P[b].temperature > 0]
@@ -671,33 +929,42 @@ class InferenceEngine:
                 x = filter_logits(x, col("top_k", torch.long)[hot], col("top_p")[hot], col("min_p")[hot])
             probs = x.softmax(dim=-1)
             ok[hot] &= probs.isfinite().all(dim=-1) & (probs.sum(dim=-1) > 0)
-        if not bool(ok.all()):
-            bad = [seqs[b].request.id for b in range(B) if not ok[b]]
+            u = torch.tensor([uniform(seqs[b].seed, len(seqs[b].prompt) + len(seqs[b].tokens)) for b in hot],
+                             dtype=torch.float64)
+            tokens[hot] = draw(probs, u)
+        tokens = torch.where(ok, tokens, -1)
+        if logprobs is None:
+            ids, lps = tokens.tolist(), [None] * B
+        else:
+            ids, lps = self._logprobs(P, tokens, logprobs)
+        if -1 in ids:
+            bad = [seqs[b].request.id for b in range(B) if ids[b] < 0]
             raise ValueError(f"no valid sampling distribution for {', '.join(bad)} (NaN or empty after filters)")
-        if hot:
-            draws = [torch.multinomial(probs[i], 1, generator=seqs[b].generator) for i, b in enumerate(hot)]
-            tokens[hot] = torch.cat(draws)
-        lps = [None] * B
-        if logprobs is not None:
-            chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
-            k = max(p.top_logprobs for p in P)
-            top_v, top_i = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0])
-            top_v, top_i, ids = top_v.tolist(), top_i.tolist(), tokens.tolist()
-            lps = [TokenLogprob(ids[b], chosen[b],
-                                list(zip(top_i[b][:P[b].top_logprobs], top_v[b][:P[b].top_logprobs])))
-                   if P[b].logprobs else None for b in range(B)]
-        return tokens, lps
+        return ids, lps
 
-    def _sample_and_advance(self, seqs, logits):
-        self._advance_all(seqs, *self._sample(seqs, logits))
+    def _logprobs(self, P, tokens, logprobs):
+        chosen = logprobs.gather(1, tokens.clamp(min=0)[:, None])[:, 0]
+        k = max(p.top_logprobs for p in P)
+        top_v, top_i = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0])
+        ids, chosen, top_v, top_i = tokens.tolist(), chosen.tolist(), top_v.tolist(), top_i.tolist()
+        return ids, [TokenLogprob(ids[b], chosen[b], list(zip(top_i[b][:p.top_logprobs], top_v[b][:p.top_logprobs])))
+                     if p.logprobs else None for b, p in enumerate(P)]
+
+    def _history(self, seqs, V):
+        """Penalty state of the rows that need it: seen (B, V) in prompt or output, counts (B, V) of output."""
+        seen = torch.zeros(len(seqs), V, dtype=torch.bool, device=self.device)
+        counts = torch.zeros(len(seqs), V, device=self.device)
+        for b, s in enumerate(seqs):
+            seen[b, torch.tensor(s.prompt + s.tokens, device=self.device)] = True
+            if s.tokens:
+                counts[b].index_add_(0, torch.tensor(s.tokens, device=self.device),
+                                     torch.ones(len(s.tokens), device=self.device))
+        return seen, counts
 
     def _advance_all(self, seqs, tokens, lps):
-        """Record the sampled tokens; a failure while advancing one row fails only its request."""
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        self._seen[slots, tokens] = True  # slots are distinct, so no index repeats
-        self._counts[slots, tokens] += 1
-        for seq, token, lp in zip(seqs, tokens.tolist(), lps):
-            if seq.slot is None:
+        """Append the sampled tokens; a failure while advancing one row fails only its request."""
+        for seq, token, lp in zip(seqs, tokens, lps):
+            if not seq.blocks:
                 continue  # another choice of its request failed just now
             try:
                 self._advance(seq, token, lp)
@@ -712,65 +979,32 @@ class InferenceEngine:
             request.first_token_at = now
             self._ttft.append(now - request.submitted_at)
         seq.tokens.append(token)
-        seq.unsent_ids.append(token)
         if lp is not None:
             seq.logprobs.append(lp)
-            seq.unsent_logprobs.append(lp)
         self._counters["tokens_generated"] += 1
-        reason = None
-        if (token in self.stop_ids and not p.ignore_eos) or token in p.stop_id_set:
-            reason = "stop"  # the token is in token_ids, its text is not
-        else:
-            start = len(seq.text)
-            seq.text += seq.decoder.feed(token)
-            cut = find_stop(seq.text, p.stop, start)
-            if cut is not None:
-                assert cut >= seq.sent, f"stop string at {cut} but {seq.sent} characters were already sent"
-                seq.text = seq.text[:cut]
-                return self._finish(seq, "stop", flush=False)  # bytes after the stop string do not matter
-            if len(seq.tokens) >= seq.max_tokens:
-                reason = "length"
-        if reason is not None:
-            self._finish(seq, reason)
-        else:
-            self._push(seq, len(seq.text) - held_back(seq.text[seq.sent:], p.stop))
-
-    def _push(self, seq, upto, reason=None):
-        text = seq.text[seq.sent:upto]
-        if text or reason:
-            seq.request._queue.put(Delta(seq.index, text, seq.unsent_ids, seq.unsent_logprobs
-                                         if seq.logprobs is not None else None, reason))
-            seq.sent, seq.unsent_ids, seq.unsent_logprobs = upto, [], []
+        stop_token = (token in self.stop_ids and not p.ignore_eos) or token in p.stop_id_set
+        if seq.out.add(token, lp, as_text=not stop_token):
+            return self._finish(seq, "stop", flush=False)  # a stop string: bytes after it do not matter
+        if stop_token or len(seq.tokens) >= seq.max_tokens:
+            return self._finish(seq, "stop" if stop_token else "length")
+        delta = seq.out.delta(seq.index, p.logprobs)
+        if delta is not None:
+            request.push(delta)
 
     def _finish(self, seq, reason, flush=True):
-        """End a choice: flush its text, free its slot, complete the request after its last choice."""
-        if flush:
-            seq.text += seq.decoder.flush()  # an unfinished character at the very end becomes U+FFFD
-        self._push(seq, len(seq.text), reason)
-        if seq.slot is not None:
-            self._free.append(seq.slot)
-            seq.slot = None
-        request = seq.request
-        request._choices[seq.index] = Choice(seq.index, seq.text, seq.tokens, reason, seq.logprobs)
-        request._open -= 1
-        if request._open == 0 and not request._done.is_set():
-            self._counters["requests_aborted" if request.aborted else "requests_finished"] += 1
-            request._done.set()
+        """End a choice: flush its text, free its blocks, complete the request after its last choice."""
+        seq.request.push(seq.out.delta(seq.index, seq.params.logprobs, reason, flush))
+        self.blocks.release(seq)
+        if seq.request.complete(Choice(seq.index, seq.out.text, seq.tokens, reason, seq.logprobs)):
+            self._counters["requests_aborted" if seq.request.aborted else "requests_finished"] += 1
 
     def _fail_request(self, request, error):
-        """Free the slots of every running choice of the request and fail it with error."""
+        """Free the blocks of every running choice of the request and fail it with error."""
         for seq in self._running:
-            if seq.request is request and seq.slot is not None:
-                self._free.append(seq.slot)
-                seq.slot = None
-        if not request._done.is_set():
+            if seq.request is request:
+                self.blocks.release(seq)
+        if request.fail(error):
             self._counters["requests_failed"] += 1
-            request._fail(error)
-
-    def _fail_running(self, error):
-        for seq in self._running:
-            self._fail_request(seq.request, error)
-        self._running = []
 
 
 # -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import GQA, MLA, KVCache, RMSNorm, RotaryEmbedding, rope_frequencies
+from attention import GQA, MLA, KVBatch, PagedKVCache, RMSNorm, RotaryEmbedding, rope_frequencies
 
 
 # -----------------------------------------------------------------------------
@@ -193,8 +193,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, positions=None, cache_layer=None, slots=None, kv_len=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache_layer, slots, kv_len)
+    def forward(self, x, cos, sin, kv=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -270,42 +270,32 @@ class Transformer(nn.Module):
 
     # -- forward ----------------------------------------------------------------
 
-    def make_cache(self, num_slots: int, max_len: int, device=None, dtype=None) -> KVCache:
+    def make_cache(self, num_blocks: int, block_size: int = 16, device=None, dtype=None) -> PagedKVCache:
+        """A paged KV cache of num_blocks blocks for this model's layers (attention.PagedKVCache)."""
         cfg = self.config
         kind = MLA if cfg.attention_type == "mla" else GQA
         p = self.lm_head.weight
-        return KVCache([kind.cache_shapes(cfg)] * cfg.num_hidden_layers, num_slots, max_len,
-                       device=device or p.device, dtype=dtype or p.dtype)
+        return PagedKVCache([kind.cache_shapes(cfg)] * cfg.num_hidden_layers, num_blocks, block_size,
+                            device=device or p.device, dtype=dtype or p.dtype)
 
-    def hidden_states(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                      cache: Optional[KVCache] = None, slots: Optional[torch.Tensor] = None):
+    def hidden_states(self, input_ids: torch.Tensor, kv: Optional[KVBatch] = None):
         """Final-norm hidden states (B, T, C).
 
         Training: input_ids (B, T) only; causal over each row from position 0.
-        Inference: also a cache, positions (B, T) of the new tokens and the cache
-        slot of each row (B,). Each row attends to its slot's positions
-        0..its own position, so rows may be at different lengths.
+        Inference: a KVBatch says where the new tokens are (positions) and where their keys and
+        values go and come from in the paged cache, so rows may be at different lengths.
         """
         B, T = input_ids.shape
-        if positions is None:
-            assert cache is None, "a cached forward needs the positions of the new tokens"
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        kv_len = None
-        if cache is not None:
-            if slots is None:
-                slots = torch.arange(B, device=input_ids.device)
-            kv_len = int(positions.max()) + 1
-            assert kv_len <= cache.max_len, f"position {kv_len - 1} is past the cache length {cache.max_len}"
+        positions = kv.positions if kv is not None else torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = self.model.rotary_emb(positions)
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
-            cache_layer = cache.layers[i] if cache is not None else None
-            x = layer(x, cos, sin, positions if cache is not None else None, cache_layer, slots, kv_len)
+            x = layer(x, cos, sin, kv, i)
         return self.model.norm(x)
 
-    def forward(self, input_ids, positions=None, cache=None, slots=None) -> torch.Tensor:
-        """Logits (B, T, V); see hidden_states for the arguments."""
-        return self.lm_head(self.hidden_states(input_ids, positions, cache, slots))
+    def forward(self, input_ids, kv=None) -> torch.Tensor:
+        """Logits (B, T, V); see hidden_states."""
+        return self.lm_head(self.hidden_states(input_ids, kv))
 
     # -- checkpoints ------------------------------------------------------------
 

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from attention import rope_frequencies
+from attention import KVBatch, rope_frequencies
 from model import PRESETS, ModelConfig, Transformer
 
 VARIANTS = {
@@ -52,41 +52,43 @@ def test_manual_attention_equals_sdpa(name):
     ids = torch.randint(0, 4096, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(manual(ids), sdpa(ids), atol=1e-5, rtol=1e-5)
-        for model in (sdpa, manual):  # and through the cache, rows at different positions
-            cache = model.make_cache(3, 32)
-            model(ids[:, :10], torch.arange(10).expand(2, 10), cache, torch.tensor([2, 0]))
-        step = ids[:, 10:11]
-        pos, slots = torch.tensor([[10], [10]]), torch.tensor([2, 0])
-        torch.testing.assert_close(manual(step, pos, cache, slots), sdpa(step, pos, cache, slots),
-                                   atol=1e-5, rtol=1e-5)
+        tables = [[5, 1, 3], [0, 4, 2]]  # blocks of 4 tokens, out of order
+        caches = {}
+        for model in (sdpa, manual):  # and through the cache
+            caches[model] = model.make_cache(6, 4)
+            model(ids[:, :10], KVBatch.from_tables(caches[model], torch.arange(10).expand(2, 10), tables))
+        step, pos = ids[:, 10:11], torch.tensor([[10], [10]])
+        torch.testing.assert_close(manual(step, KVBatch.from_tables(caches[manual], pos, tables)),
+                                   sdpa(step, KVBatch.from_tables(caches[sdpa], pos, tables)), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 @pytest.mark.parametrize("impl", ["sdpa", "manual"])
 def test_cached_prefill_and_decode_equal_full_forward(name, impl):
-    """Rows of lengths 9, 14, 5 in slots 3, 0, 1 of a 4-slot cache: prefill a prefix
-    of each (the middle one in two chunks), then decode one token at a time in a
-    batch where rows sit at different positions; every logit must match the
-    full uncached forward of that row."""
+    """Rows of lengths 9, 14, 5 whose blocks (of 4 tokens) are scattered over the pool: prefill a
+    prefix of each (the middle one in two chunks), then decode one token at a time in a batch where
+    rows sit at different positions, crossing block boundaries; every logit must match the full
+    uncached forward of that row."""
     model = make(name, impl)
     gen = torch.Generator().manual_seed(0)
-    lengths, prefix, slots = [9, 14, 5], [4, 6, 2], [3, 0, 1]
+    lengths, prefix = [9, 14, 5], [4, 6, 2]
+    tables = [[7, 2, 9], [0, 5, 1, 8], [3, 6]]
     seqs = [torch.randint(0, 4096, (n,), generator=gen) for n in lengths]
     with torch.no_grad():
         full = [model(s[None])[0] for s in seqs]  # (T, V) each
-        cache = model.make_cache(4, 16)
+        cache = model.make_cache(10, 4)
         got = [[] for _ in seqs]
-        for i, (s, p, slot) in enumerate(zip(seqs, prefix, slots)):
+        for i, (s, p) in enumerate(zip(seqs, prefix)):
             chunks = [(0, 3), (3, p)] if i == 1 else [(0, p)]
             for a, b in chunks:
-                out = model(s[None, a:b], torch.arange(a, b)[None], cache, torch.tensor([slot]))
+                out = model(s[None, a:b], KVBatch.from_tables(cache, torch.arange(a, b)[None], [tables[i]]))
                 got[i].append(out[0])
         done = list(prefix)
         while any(d < n for d, n in zip(done, lengths)):
             rows = [i for i in range(3) if done[i] < lengths[i]]
             ids = torch.stack([seqs[i][done[i]] for i in rows])[:, None]  # (B, 1)
             pos = torch.tensor([[done[i]] for i in rows])
-            out = model(ids, pos, cache, torch.tensor([slots[i] for i in rows]))
+            out = model(ids, KVBatch.from_tables(cache, pos, [tables[i] for i in rows]))
             for j, i in enumerate(rows):
                 got[i].append(out[j])
                 done[i] += 1
@@ -104,9 +106,9 @@ def test_mla_absorbed_equals_naive(name):
             for layer in model.model.layers:
                 layer.self_attn.absorb = absorb
             no_cache = model(ids)
-            cache = model.make_cache(2, 16)
-            prefill = model(ids[:, :8], torch.arange(8).expand(2, 8), cache)
-            decode = model(ids[:, 8:9], torch.full((2, 1), 8), cache)
+            cache, tables = model.make_cache(8, 4), [[0, 2, 4, 6], [1, 3, 5, 7]]
+            prefill = model(ids[:, :8], KVBatch.from_tables(cache, torch.arange(8).expand(2, 8), tables))
+            decode = model(ids[:, 8:9], KVBatch.from_tables(cache, torch.full((2, 1), 8), tables))
             outs[absorb] = (no_cache, prefill, decode)
     for naive, absorbed in zip(outs[False], outs[True]):
         torch.testing.assert_close(absorbed, naive, atol=1e-5, rtol=1e-5)
@@ -116,7 +118,7 @@ def test_mla_cache_stores_only_latent_and_rope_key():
     gqa, mla = Transformer(PRESETS["tiny"]), Transformer(PRESETS["tiny-mla"])
     cg, cm = gqa.make_cache(2, 10), mla.make_cache(2, 10)
     cfg = PRESETS["tiny-mla"]
-    assert [tuple(b.shape) for b in cm.layers[0]] == [(2, 10, cfg.kv_lora_rank), (2, 10, cfg.qk_rope_head_dim)]
+    assert [tuple(b.shape) for b in cm.layers[0]] == [(20, cfg.kv_lora_rank), (20, cfg.qk_rope_head_dim)]
     assert cm.nbytes() == 2 * 10 * cfg.kv_bytes_per_token(dtype_bytes=4)
     assert cg.nbytes() == 2 * 10 * PRESETS["tiny"].kv_bytes_per_token(dtype_bytes=4)
     # same width, same head count: MHA would cache 2*H*D = 512 values per layer, MLA caches R + Dr = 96
@@ -147,7 +149,7 @@ def test_mla_matches_transformers_deepseek_v3(q_lora_rank):
     ids = torch.randint(0, 97, (2, 30))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
-        cache = ours.make_cache(2, 30)  # and the absorbed decode path against the same reference
-        ours(ids[:, :29], torch.arange(29).expand(2, 29), cache)
-        last = ours(ids[:, 29:], torch.full((2, 1), 29), cache)
+        cache, tables = ours.make_cache(2, 32), [[0], [1]]  # and the absorbed decode path, same reference
+        ours(ids[:, :29], KVBatch.from_tables(cache, torch.arange(29).expand(2, 29), tables))
+        last = ours(ids[:, 29:], KVBatch.from_tables(cache, torch.full((2, 1), 29), tables))
         torch.testing.assert_close(last[:, 0], hf(ids).logits[:, -1], atol=1e-4, rtol=0)

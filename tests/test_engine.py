@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import tokenizer
+from attention import PagedKVCache
 from engine import (EngineError, InferenceEngine, RequestError, SamplingParams, apply_penalties, filter_logits,
                     generate_reference, held_back)
 from model import PRESETS, Transformer
@@ -188,11 +189,11 @@ class ScriptedModel(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the engine a device
         self.prompt_len, self.table = prompt_len, torch.tensor(list(completion) + [end])
 
-    def make_cache(self, num_slots, max_len):
-        return None
+    def make_cache(self, num_blocks, block_size, device=None):
+        return PagedKVCache([[(1,)]], num_blocks, block_size, device=device)
 
-    def hidden_states(self, ids, positions, cache, slots):
-        k = (positions - self.prompt_len + 1).clamp(0, len(self.table) - 1)  # (B, T) index into the script
+    def hidden_states(self, ids, kv):
+        k = (kv.positions - self.prompt_len + 1).clamp(0, len(self.table) - 1)  # (B, T) index into the script
         return F.one_hot(self.table[k], self.config.vocab_size).float()  # (B, T, V)
 
     def lm_head(self, h):

@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers  # the independent reference (requirements-dev.txt); a missing one fails, never skips
 
+from attention import KVBatch
 from model import PRESETS, ModelConfig, Transformer, config_from_hf
 
 
@@ -34,14 +35,14 @@ def hf_model(kind, **kw):
 def greedy(model, ids, n):
     """Greedy decode through our KV cache: prefill, then one token at a time."""
     B, T = ids.shape
-    cache = model.make_cache(B, T + n)
-    pos = torch.arange(T).expand(B, T)
-    logits = model(ids, pos, cache)[:, -1]
+    cache = model.make_cache(B, T + n)  # B blocks of T + n tokens: one per row
+    tables = [[b] for b in range(B)]
+    logits = model(ids, KVBatch.from_tables(cache, torch.arange(T).expand(B, T), tables))[:, -1]
     out = []
     for i in range(n):
         tok = logits.argmax(-1)
         out.append(tok)
-        logits = model(tok[:, None], torch.full((B, 1), T + i), cache)[:, -1]
+        logits = model(tok[:, None], KVBatch.from_tables(cache, torch.full((B, 1), T + i), tables))[:, -1]
     return torch.stack(out, 1)
 
 
