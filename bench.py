@@ -223,6 +223,8 @@ def bench_model(args):
 
 
 def add_engine_args(p):
+    p.add_argument("--shape", choices=["tiny", "135m"], default="tiny",
+                   help="tiny preset, or a 135M Llama shape (30 layers, hidden 576, 9/3 heads, vocab 49152)")
     p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64, help="generated per sequence (EOS ignored)")
@@ -230,19 +232,43 @@ def add_engine_args(p):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
-def _tiny_model_and_tokenizer(device):
-    """The tiny preset (random weights, seed 0) with a 4096-token BPE trained on generated text."""
+SHAPE_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                  num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
+                  max_position_embeddings=8192)
+
+
+def _engine_model(shape, device):
+    """The tiny preset or the 135M shape (random weights, seed 0), with a 4096-token BPE trained on generated text."""
+    import dataclasses
+
     import torch
     import tokenizer
     from model import PRESETS, Transformer
     tok = tokenizer.train(synthetic_bilingual_text(300_000), PRESETS["tiny"].vocab_size)
+    cfg = PRESETS["tiny"] if shape == "tiny" else dataclasses.replace(PRESETS["tiny"], **SHAPE_135M)
     torch.manual_seed(0)
-    return Transformer(PRESETS["tiny"]).to(device).eval(), tok
+    return Transformer(cfg).to(device).eval(), tok
+
+
+def _matmul_ceiling(model, batch, sync):
+    """Seconds of one decode step's weight matmuls alone: every Linear (and the head) applied to a
+    (batch, in) input, no attention, norms or Python: what no engine can beat on this device."""
+    import torch
+    import torch.nn.functional as F
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(batch, w.shape[1], device=w.device, dtype=w.dtype) for w in weights}
+
+    def step():
+        with torch.inference_mode():
+            for w in weights:
+                F.linear(xs[w.shape[1]], w)
+    return _timed(step, 10, sync)
 
 
 def bench_engine(args):
-    """Output tokens/s of engine.generate next to transformers' generate on the same weights:
-    greedy, every sequence exactly --new-tokens long, prefill included in the time."""
+    """Output tokens/s of engine.generate next to transformers' generate on the same weights and the
+    matmul-only ceiling: greedy, every sequence exactly --new-tokens long, prefill included. Then
+    GRPO-style sampling with and without shared prompts, and the KV memory of 16 chats."""
     import torch
     import transformers
     from engine import InferenceEngine, SamplingParams
@@ -250,7 +276,7 @@ def bench_engine(args):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     batches = [int(b) for b in args.batches.split(",")]
     P, N = args.prompt_len, args.new_tokens
-    model, tok = _tiny_model_and_tokenizer(device)
+    model, tok = _engine_model(args.shape, device)
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).eval()
@@ -284,12 +310,68 @@ def bench_engine(args):
         timed(ours, prompts[:2]), timed(theirs, prompts[:2])  # warm-up
         runs = [(timed(ours, prompts), timed(theirs, prompts)) for _ in range(args.repeats)]  # alternate: fair noise
         (t_ours, out_ours), (t_hf, out_hf) = min(r[0] for r in runs), min(r[1] for r in runs)
+        ceiling = B / _matmul_ceiling(model, B, sync)
         same = sum(a == b for a, b in zip(out_ours, out_hf))
-        rows.append([B, f"{B * N / t_ours:,.0f}", f"{B * N / t_hf:,.0f}", f"{t_hf / t_ours:.2f}x", f"{same}/{B}"])
+        rows.append([B, f"{B * N / t_ours:,.0f}", f"{B * N / t_hf:,.0f}", f"{t_hf / t_ours:.2f}x", f"{ceiling:,.0f}",
+                     f"{B * N / t_ours / ceiling:.0%}", f"{same}/{B}"])
     engine.close()
-    print_table(f"greedy generation, tiny preset ({model.num_params() / 1e6:.1f}M params, fp32, {device}, "
-                f"{torch.get_num_threads()} threads): prompt {P} + {N} new tokens per sequence, best of {args.repeats}",
-                ["batch", "engine tok/s", "transformers tok/s", "engine / transformers", "same tokens"], rows)
+    print_table(f"greedy generation, {args.shape} ({model.num_params() / 1e6:.1f}M params, fp32, {device}, "
+                f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers "
+                f"{transformers.__version__}): prompt {P} + {N} new tokens per sequence, best of {args.repeats}",
+                ["batch", "engine tok/s", "transformers tok/s", "engine / transformers", "matmul ceiling tok/s",
+                 "engine / ceiling", "same tokens"], rows)
+    _bench_grpo_sampling(model, tok, special)
+    _bench_kv_memory(model, tok, special)
+
+
+def _bench_grpo_sampling(model, tok, special, prompts=16, n=8, new=24, P=64):
+    """16 prompts x n = 8 at temperature 1: the n choices share their prompt's blocks. Against the same
+    work with nothing to share (each choice's prompt made distinct by its first token)."""
+    from engine import InferenceEngine, SamplingParams
+    rng = random.Random(1)
+    vocab = [i for i in range(300, tok.vocab_size) if i not in special]
+    base = [[rng.choice(vocab) for _ in range(P)] for _ in range(prompts)]
+    rows = []
+    for name, batch, params in [
+            ("shared (n=8)", base, SamplingParams(max_tokens=new, temperature=1.0, n=n, seed=0, ignore_eos=True)),
+            ("distinct prompts", [[vocab[k]] + p[1:] for p in base for k in range(n)],
+             SamplingParams(max_tokens=new, temperature=1.0, seed=0, ignore_eos=True))]:
+        with InferenceEngine(model, tok, max_batch_size=64, max_seq_len=P + new, max_prefill_tokens=2048) as engine:
+            t = time.perf_counter()
+            engine.generate(batch, params)
+            seconds, s = time.perf_counter() - t, engine.stats()
+        rows.append([name, f"{s['prefill_tokens']:,}", f"{s['prefill_tokens_saved']:,}", f"{seconds:.2f}"])
+    print_table(f"GRPO-style sampling: {prompts} prompts of {P} tokens x {n} completions of {new} tokens",
+                ["prompts", "prefill tokens computed", "prefill tokens saved", "seconds"], rows)
+
+
+def _bench_kv_memory(model, tok, special, chats=16, P=300, new=16):
+    """KV blocks in use while 16 chats of 300 tokens run, against a slot cache at the full context."""
+    import threading
+
+    from engine import InferenceEngine, SamplingParams
+    rng = random.Random(2)
+    vocab = [i for i in range(300, tok.vocab_size) if i not in special]
+    with InferenceEngine(model, tok, max_batch_size=chats) as engine:
+        peak, done = [0], threading.Event()
+
+        def watch():
+            while not done.is_set():
+                peak[0] = max(peak[0], engine.stats()["blocks_used"])
+                time.sleep(0.002)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        engine.generate([[rng.choice(vocab) for _ in range(P)] for _ in range(chats)],
+                        SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
+        done.set()
+        watcher.join()
+        per_block = engine.cache.bytes_per_block
+        slots = chats * engine.max_seq_len * per_block // engine.cache.block_size
+        print_table(f"KV memory, {chats} chats of {P} + {new} tokens, context {engine.max_seq_len}",
+                    ["", "bytes"], [["blocks in use at the peak", f"{peak[0] * per_block:,} ({peak[0]} blocks)"],
+                                    ["a slot per chat at the full context", f"{slots:,}"],
+                                    ["pool reserved (paged, touched only when used on CPU)",
+                                     f"{engine.cache.nbytes():,}"]])
 
 
 def add_server_args(p):
@@ -311,7 +393,7 @@ def bench_server(args):
     from engine import InferenceEngine, SamplingParams
     from server import make_server
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tok = _tiny_model_and_tokenizer(device)
+    model, tok = _engine_model("tiny", device)
     engine = InferenceEngine(model, tok, max_batch_size=8, max_seq_len=256)
     server = make_server(engine, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()

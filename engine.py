@@ -456,7 +456,7 @@ class BlockManager:
             block = self.by_identity.get(identity)
             if block is None:
                 break
-            self._reference(block)
+            self.share(block)
             seq.blocks.append(block)
             seq.hashes.append(identity)
         self.hits += len(seq.blocks)
@@ -492,7 +492,8 @@ class BlockManager:
                     self.cached[block] = None
         seq.blocks, seq.hashes = [], []
 
-    def _reference(self, block):
+    def share(self, block):
+        """One more sequence holds block."""
         if self.refs[block] == 0:
             del self.cached[block]
         self.refs[block] += 1
@@ -814,12 +815,35 @@ class InferenceEngine:
             for seq in [s for s in self._waiting if s.ready]:
                 if len(self._running) >= self.max_batch_size:
                     break
-                seq.cached = self.blocks.match_prefix(seq)
+                lead = seq.leader
+                if lead is not None and lead.blocks and lead.cached >= len(seq.prompt) and not seq.tokens:
+                    self._fork(seq, lead)
+                else:
+                    seq.cached = self.blocks.match_prefix(seq)
                 if not self.blocks.grow(seq, seq.target + 1):
                     self.blocks.release(seq)
                     break
                 self._waiting.remove(seq)
                 self._running.append(seq)
+
+    def _fork(self, seq, lead):
+        """Start another choice from its first choice's prefilled prompt: share the full blocks,
+        copy the keys and values of the partial last one, and leave only the prompt's last token
+        to compute (its logits draw this choice's first token). The n choices of a request, or the
+        G completions of a GRPO prompt, so prefill their prompt once."""
+        bs, keep = self.blocks.size, len(seq.prompt) - 1
+        full = keep // bs
+        for block in lead.blocks[:full]:
+            self.blocks.share(block)
+        seq.blocks, seq.hashes = lead.blocks[:full], lead.hashes[:full]
+        if keep % bs and self.blocks.grow(seq, keep):  # a block of our own for the partial tail
+            src, dst = lead.blocks[full] * bs, seq.blocks[full] * bs
+            for bufs in self.cache.layers:
+                for buf in bufs:
+                    buf[dst:dst + keep % bs] = buf[src:src + keep % bs]
+        seq.cached = min(keep, len(seq.blocks) * bs)
+        self.blocks.hits += full
+        self.blocks.saved_tokens += seq.cached
 
     def _reserve(self, seqs) -> list:
         """Room for one more token for each sequence, oldest first. When blocks run out, the
@@ -918,7 +942,7 @@ class InferenceEngine:
             logits = apply_penalties(logits, seen, counts, col("repetition_penalty"), col("presence_penalty"),
                                      col("frequency_penalty"))
         tokens = logits.argmax(dim=-1)  # (B,): greedy rows keep this
-        ok = ~logits.isnan().any(dim=-1) & (logits > float("-inf")).any(dim=-1)  # (B,)
+        ok = logits.amax(dim=-1) > float("-inf")  # (B,): False for a NaN row (amax is NaN) or an all -inf one
         hot = [b for b in range(B) if P[b].temperature > 0]
         if hot:
             x = logits[hot]

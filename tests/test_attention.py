@@ -153,3 +153,12 @@ def test_mla_matches_transformers_deepseek_v3(q_lora_rank):
         ours(ids[:, :29], KVBatch.from_tables(cache, torch.arange(29).expand(2, 29), tables))
         last = ours(ids[:, 29:], KVBatch.from_tables(cache, torch.full((2, 1), 29), tables))
         torch.testing.assert_close(last[:, 0], hf(ids).logits[:, -1], atol=1e-4, rtol=0)
+
+
+def test_fused_rms_norm_equals_the_reference():
+    from attention import RMSNorm
+    norm = RMSNorm(64, eps=1e-5)
+    torch.nn.init.normal_(norm.weight)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 7, 64, dtype=dtype) * 5
+        torch.testing.assert_close(norm(x), norm.reference(x), atol=0, rtol=0 if dtype == torch.float32 else 1e-2)

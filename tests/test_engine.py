@@ -394,3 +394,80 @@ def test_tiny_temperatures_and_extreme_penalties_stay_finite(make_engine, tok):
     for bad in ({"repetition_penalty": float("inf")}, {"temperature": float("nan")}, {"top_k": 2**63}):
         with pytest.raises(RequestError):
             SamplingParams(**bad)
+
+
+# -----------------------------------------------------------------------------
+# Paged KV cache: blocks, prefix sharing, preemption
+
+@pytest.fixture(scope="module")
+def mla_model(tok):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(PRESETS["tiny-mla"], vocab_size=tok.vocab_size, num_hidden_layers=2,
+                              max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False)
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def test_paged_decode_equals_reference_across_block_boundaries(kind, make_engine, model, mla_model, tok):
+    """Blocks of 4 tokens: prompts of 1..13 tokens and 12 new ones cross several block boundaries,
+    rows at different lengths in one batch."""
+    m = model if kind == "gqa" else mla_model
+    engine = make_engine(model=m, block_size=4, max_batch_size=6)
+    rng = random.Random(5)
+    prompts = [tok.encode(" ".join(rng.choice(WORDS) for _ in range(n)))[:n] for n in (1, 3, 4, 5, 8, 13)]
+    refs = [generate_reference(m, p, 12) for p in prompts]
+    assert [r.result().token_ids for r in [engine.submit(p, greedy(12)) for p in prompts]] == refs
+    assert engine.stats()["blocks_used"] == 0  # all returned
+
+
+def test_prefix_sharing_gives_identical_outputs_and_saves_prefill(make_engine, model, tok):
+    """n choices and a repeated system prompt: the prompt's full blocks are computed once, outputs are
+    those of an engine that shares nothing (distinct prompts of equal length)."""
+    system = tok.encode(" ".join(WORDS * 8))[:40]  # 5 blocks of 8
+    prompt = system + tok.encode(" the cat sat on")  # and a partial sixth block
+    assert len(prompt) % 8 > 1
+    shared = make_engine(block_size=8, max_batch_size=8)
+    seeded = SamplingParams(max_tokens=10, temperature=1.0, seed=11, n=4, ignore_eos=True)
+    out = shared.submit(prompt, seeded).result()
+    s = shared.stats()
+    # choices 1..3 share the 5 full blocks, copy the partial one, compute only the prompt's last token
+    assert s["prefix_cache_hits"] == 3 * 5 and s["prefill_tokens_saved"] == 3 * (len(prompt) - 1)
+    assert s["prefill_tokens"] == len(prompt) + 3
+    alone = [make_engine(block_size=8).submit(prompt, dataclasses.replace(seeded, n=1, seed=11 + i)).result().token_ids
+             for i in range(4)]
+    assert [c.token_ids for c in out.choices] == alone
+    # the same system prompt again, after the first request ended: its blocks are still cached
+    before = shared.stats()["prefill_tokens"]
+    again = shared.submit(system + tok.encode(" mat"), greedy(5)).result()
+    assert shared.stats()["prefill_tokens"] - before == len(system) + len(tok.encode(" mat")) - 40
+    assert again.token_ids == generate_reference(model, system + tok.encode(" mat"), 5)
+
+
+def test_preemption_recomputes_and_keeps_outputs(make_engine, model, tok):
+    """A pool too small for all four at full length: the newest are preempted mid-decode, recomputed
+    later, and every output equals the reference (greedy) or its own run alone (seeded)."""
+    engine = make_engine(block_size=4, max_batch_size=4, max_seq_len=48, kv_cache_gb=24 * 4 * 2 * 4 * 64 * 2 / 2**30)
+    assert engine.stats()["blocks_total"] < 4 * 12
+    prompts = [tok.encode(t) for t in ("the cat sat", "hello world data", "on the mat", "model stop end")]
+    refs = [generate_reference(model, p, 30) for p in prompts[:3]]
+    seeded = SamplingParams(max_tokens=30, temperature=0.8, seed=3, ignore_eos=True)
+    alone = make_engine(block_size=4).submit(prompts[3], seeded).result().token_ids
+    requests = [engine.submit(p, greedy(30)) for p in prompts[:3]] + [engine.submit(prompts[3], seeded)]
+    assert [r.result(timeout=30).token_ids for r in requests] == refs + [alone]
+    s = engine.stats()
+    assert s["preemptions"] > 0 and s["blocks_used"] == 0
+
+
+def test_32_seeded_requests_mixed_with_unseeded_are_batch_independent(make_engine, tok):
+    rng = random.Random(8)
+    prompts = [tok.encode(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 8)))) for _ in range(32)]
+    params = [SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=100 + i, ignore_eos=True)
+              for i in range(32)]
+    alone = [make_engine(max_batch_size=1).submit(p, sp).result().token_ids for p, sp in zip(prompts, params)]
+    engine = make_engine(max_batch_size=16)
+    noise = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+    mixed = []
+    for p, sp in zip(prompts, params):
+        mixed.append(engine.submit(p, sp))
+        engine.submit(p, noise)  # unseeded companions, different every run
+    assert [r.result().token_ids for r in mixed] == alone
