@@ -31,6 +31,7 @@ Left out: sliding windows, ALiBi, paged-attention kernels that read blocks in pl
 """
 
 import math
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Optional
 
@@ -231,6 +232,101 @@ class KVBatch:
             buf.index_copy_(0, self.write.flatten(), x.flatten(0, 1).to(buf.dtype))
             out.append(buf.index_select(0, self.read.flatten()).view(B, S, *buf.shape[1:]))
         return out
+
+
+# -----------------------------------------------------------------------------
+# Blocks: allocation, prefix sharing, eviction
+
+class BlockManager:
+    """Which KV blocks are free, which sequence holds which, and what the full ones hold.
+
+    A full block's identity is hash((previous block's identity, its token ids)), so two blocks with
+    the same identity hold the same keys and values: sequences share them, counting references.
+    A block nobody references keeps its contents and identity, on an LRU list, until its memory is
+    needed: a prompt seen again (a system prompt, a GRPO group, the n choices of a request) is found
+    there. Block 0 of the pool is scratch, never handed out: padding positions write there.
+
+        seq A: [ 1 | 2 | 5 ]        blocks 1, 2 hold A's prompt; 5 its own continuation
+        seq B: [ 1 | 2 | 7 ]        B has the same first 32 prompt tokens: it shares 1 and 2
+    """
+
+    def __init__(self, num_blocks, block_size):
+        self.size = block_size
+        self.refs = [0] * (num_blocks + 1)
+        self.identity = [None] * (num_blocks + 1)
+        self.by_identity = {}
+        self.free = deque(range(1, num_blocks + 1))  # empty blocks
+        self.cached = OrderedDict()  # unreferenced blocks that keep their contents, least recently used first
+        self.hits = self.saved_tokens = 0
+
+    def available(self) -> int:
+        return len(self.free) + len(self.cached)
+
+    def used(self) -> int:
+        return len(self.refs) - 1 - self.available()
+
+    def match_prefix(self, seq) -> int:
+        """Give seq the cached blocks that hold the start of its context; how many tokens they cover.
+        A new sequence leaves at least its prompt's last token to compute (its logits give the first
+        new token); a preempted one may find everything but its last token."""
+        bs, identity = self.size, None
+        limit = seq.target if seq.tokens else len(seq.prompt) - 1
+        for i in range(limit // bs):
+            identity = hash((identity, tuple(seq.context(i * bs, (i + 1) * bs))))
+            block = self.by_identity.get(identity)
+            if block is None:
+                break
+            self.share(block)
+            seq.blocks.append(block)
+            seq.hashes.append(identity)
+        self.hits += len(seq.blocks)
+        self.saved_tokens += len(seq.blocks) * bs
+        return len(seq.blocks) * bs
+
+    def grow(self, seq, tokens) -> bool:
+        """Blocks for seq's first `tokens` tokens; False, taking none, if there are not enough."""
+        need = -(-tokens // self.size) - len(seq.blocks)
+        if need > self.available():
+            return False
+        seq.blocks += [self._take() for _ in range(need)]
+        return True
+
+    def commit(self, seq):
+        """Give an identity to each block of seq that its cached tokens have filled."""
+        bs = self.size
+        while (len(seq.hashes) + 1) * bs <= seq.cached:
+            i = len(seq.hashes)
+            identity = hash((seq.hashes[-1] if i else None, tuple(seq.context(i * bs, (i + 1) * bs))))
+            seq.hashes.append(identity)
+            block = seq.blocks[i]
+            if identity not in self.by_identity and self.identity[block] is None:
+                self.by_identity[identity], self.identity[block] = block, identity
+
+    def release(self, seq):
+        for block in seq.blocks:
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                if self.identity[block] is None:
+                    self.free.append(block)
+                else:
+                    self.cached[block] = None
+        seq.blocks, seq.hashes = [], []
+
+    def share(self, block):
+        """One more sequence holds block."""
+        if self.refs[block] == 0:
+            del self.cached[block]
+        self.refs[block] += 1
+
+    def _take(self) -> int:
+        if self.free:
+            block = self.free.popleft()
+        else:  # evict the least recently used cached block
+            block, _ = self.cached.popitem(last=False)
+            del self.by_identity[self.identity[block]]
+            self.identity[block] = None
+        self.refs[block] = 1
+        return block
 
 
 # -----------------------------------------------------------------------------

@@ -281,6 +281,8 @@ def bench_engine(args):
         model.save_pretrained(d)
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).eval()
     hf.generation_config.eos_token_id = None
+    # the engine never samples ids past the tokenizer's vocabulary (it could not decode them): nor may transformers
+    unused = list(range(tok.vocab_size, model.config.vocab_size))
     engine = InferenceEngine(model, tok, max_batch_size=max(batches), max_seq_len=P + N, max_prefill_tokens=2048)
     params = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
     rng = random.Random(0)
@@ -293,7 +295,7 @@ def bench_engine(args):
         ids = torch.tensor(prompts, device=device)
         with torch.inference_mode():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
-                              do_sample=False, pad_token_id=0)
+                              do_sample=False, pad_token_id=0, suppress_tokens=unused or None)
         return out[:, P:].tolist()
 
     def timed(fn, prompts):

@@ -1,4 +1,4 @@
-"""Inference engine: continuous batching over a fixed pool of KV-cache slots.
+"""Inference engine: continuous batching over a paged KV cache.
 
     engine = InferenceEngine(model, tok, max_batch_size=8)             # or InferenceEngine.from_pretrained(dir)
     req = engine.submit("Once upon a time", SamplingParams(max_tokens=64, temperature=0.8, seed=1))
@@ -7,37 +7,35 @@
     out = req.result()                                                # .text .token_ids .finish_reason .usage
     outs = engine.generate(prompts, SamplingParams(n=8, logprobs=True))  # offline batches, GRPO rollouts
 
-One scheduler thread owns the model and the cache; a slot holds one sequence
-of up to max_seq_len tokens. Each step it
+The KV cache is a pool of fixed-size blocks (vLLM's PagedAttention, Kwon et al.
+2023): each sequence holds a block table, blocks are taken as its tokens
+arrive, full blocks are identified by a hash of their content and prefix and
+shared between sequences (BlockManager). One scheduler thread owns the model
+and the cache; each step it
 
-  1. admits waiting sequences into free slots (new requests join between
-     decode steps; nobody waits for the running ones to finish);
+  1. admits waiting sequences while the batch has room and blocks for their
+     prompt remain (new requests join between decode steps);
   2. runs one batched decode forward, (B, 1) new tokens, for every sequence
-     past its prompt, each row at its own position in its own slot;
+     past its prompt, each row at its own position; when blocks run out, the
+     newest sequence is preempted and recomputed later;
   3. runs one prefill forward over prompt chunks whose padded size (B * T) is
      at most max_prefill_tokens, so a long prompt is spread over several
      steps instead of stalling everyone's decoding (chunked prefill, as in
      Sarathi-Serve, Agrawal et al. 2024);
-  4. samples a token per row with that request's settings and its own
-     torch.Generator (so a seed gives the same text whatever else is in the
-     batch), detokenizes, checks stops and pushes text to the request's
-     queue. Finished and aborted sequences free their slot at once.
+  4. samples every row at once from a number fixed by (seed, position), so a
+     seed gives the same text whatever else is in the batch; detokenizes,
+     checks stops and pushes text to the request's queue. Finished and
+     aborted sequences give their blocks back at once.
 
-Sampling, in this order: repetition penalty (CTRL, Keskar et al. 2019:
-seen tokens' positive logits are divided by it, negative ones multiplied),
-presence / frequency penalties (OpenAI: logit -= f * count + p * [count > 0]
-over generated tokens), temperature (0 = argmax), top-k, top-p (Holtzman et
-al. 2019), min-p (Nguyen et al. 2024: keep p >= min_p * p_max), then one
-draw. Reported logprobs are the model's raw distribution (log_softmax before
-penalties and temperature), as OpenAI reports them; with temperature 1 and
-no filters that is also the sampling distribution, which GRPO needs.
+Sampling settings, their validation and the draw itself live in sampling.py.
+Reported logprobs are the model's raw distribution (log_softmax before
+penalties and temperature), as OpenAI reports them.
 
 `generate_reference` is the readable version (greedy, no cache, the whole
 sequence through the model per token); tests hold the engine to it.
 
-Left out: paged KV blocks and preemption (a slot reserves max_seq_len
-positions), prefix caching (n > 1 prefills the prompt n times), CUDA graphs,
-speculative decoding, beam search.
+Left out: CUDA graphs, a paged-attention kernel (rows' keys are gathered,
+then SDPA), speculative decoding, beam search.
 
     python engine.py --model runs/demo/step_000100 --prompt "Hello" --max-tokens 64
     python engine.py --model DIR --chat
@@ -52,159 +50,22 @@ import threading
 import time
 import traceback
 import weakref
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from attention import KVBatch
+from attention import BlockManager, KVBatch
+from sampling import (DEFAULTS_FROM_MODEL, RequestError, SamplingParams, apply_penalties, draw, filter_logits,
+                      find_stop, held_back, is_int, is_num, need, uniform)
 from tokenizer import StreamDecoder
 
-MAX_STOP = 4  # stop strings per request (OpenAI's limit)
-MAX_STOP_CHARS = 256  # per stop string: every token is checked against each stop's prefixes
-MAX_STOP_IDS = 1024  # stop_token_ids per request
-MIN_POSITIVE = torch.finfo(torch.float32).tiny  # 1.2e-38: smaller positive temperatures / top_p are 0 in float32
-INT64 = 1 << 63
-MAX_N = 64  # choices per request
-MAX_TOP_LOGPROBS = 20
-DEFAULTS_FROM_MODEL = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # generation_config.json
-
-
 # -----------------------------------------------------------------------------
-# Errors and per-request settings
-
-class RequestError(ValueError):
-    """A request the engine cannot run as asked; `param` names the field (for HTTP 400s)."""
-
-    def __init__(self, message, param=None):
-        super().__init__(message)
-        self.param = param
-
+# Errors
 
 class EngineError(RuntimeError):
     """The engine failed while running a request; the cause is chained."""
-
-
-def _need(ok, param, message):
-    if not ok:
-        raise RequestError(f"{param}: {message}", param)
-
-
-def _is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: Optional[int] = None  # None: up to the end of the context
-    temperature: float = 1.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0  # 1: off
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: Optional[int] = None  # choice i of n uses seed + i
-    stop: list = field(default_factory=list)  # strings; the text ends before the first one
-    stop_token_ids: list = field(default_factory=list)  # on top of EOS and <|im_end|>
-    ignore_eos: bool = False  # keep going past EOS / <|im_end|> (benchmarks)
-    logprobs: bool = False  # per-token logprob of each sampled token
-    top_logprobs: int = 0  # and this many best alternatives
-    n: int = 1
-    stop_id_set: frozenset = field(init=False, repr=False, compare=False)  # stop_token_ids, for O(1) checks
-
-    def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        _need(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
-              f"must be an integer >= 1 (got {self.max_tokens!r})")
-        # Bounds are those of the float32 / int64 tensors the sampler builds: a positive
-        # value below float32's smallest would become 0 there and turn a row into NaNs.
-        t = self.temperature
-        _need(_is_num(t) and (t == 0 or MIN_POSITIVE <= t <= 2), "temperature",
-              f"must be 0 (greedy) or a number in [{MIN_POSITIVE:.3g}, 2] (got {t!r})")
-        _need(_is_int(self.top_k) and 0 <= self.top_k < INT64, "top_k",
-              f"must be an integer in [0, 2**63), 0 = off (got {self.top_k!r})")
-        _need(_is_num(self.top_p) and MIN_POSITIVE <= self.top_p <= 1, "top_p",
-              f"must be a number in [{MIN_POSITIVE:.3g}, 1] (got {self.top_p!r})")
-        _need(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be a number in [0, 1] (got {self.min_p!r})")
-        # Past 100 a seen token's logit is pushed to about 0 or -inf either way; the bound
-        # keeps float32 logits finite (logit / 0.01 stays far from 3.4e38).
-        _need(_is_num(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 100, "repetition_penalty",
-              f"must be a number in [0.01, 100], 1 = off (got {self.repetition_penalty!r})")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            _need(_is_num(value) and -2 <= value <= 2, name, f"must be a number in [-2, 2] (got {value!r})")
-        _need(self.seed is None or (_is_int(self.seed) and -INT64 <= self.seed < INT64), "seed",
-              f"must be a 64-bit integer (got {self.seed!r:.40})")
-        _need(isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop), "stop",
-              f"must be a non-empty string or a list of them (got {self.stop!r:.60})")
-        _need(len(self.stop) <= MAX_STOP, "stop", f"at most {MAX_STOP} stop strings (got {len(self.stop)})")
-        _need(all(len(s) <= MAX_STOP_CHARS for s in self.stop), "stop",
-              f"each stop string may have at most {MAX_STOP_CHARS} characters")
-        ids = self.stop_token_ids
-        _need(isinstance(ids, (list, tuple)) and all(_is_int(i) and 0 <= i < INT64 for i in ids), "stop_token_ids",
-              f"must be a list of token ids (got {ids!r:.60})")
-        _need(len(ids) <= MAX_STOP_IDS, "stop_token_ids", f"at most {MAX_STOP_IDS} ids (got {len(ids)})")
-        _need(isinstance(self.ignore_eos, bool), "ignore_eos", "must be true or false")
-        _need(isinstance(self.logprobs, bool), "logprobs", "must be true or false")
-        _need(_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
-              f"must be an integer in [0, {MAX_TOP_LOGPROBS}] (got {self.top_logprobs!r})")
-        _need(self.logprobs or not self.top_logprobs, "top_logprobs", "needs logprobs=true")
-        _need(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"must be an integer in [1, {MAX_N}] (got {self.n!r})")
-        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
-        self.stop_id_set = frozenset(self.stop_token_ids)
-
-
-# -----------------------------------------------------------------------------
-# Sampling filters: pure functions on a batch of logits, one setting per row
-
-def apply_penalties(logits, seen, counts, repetition, presence, frequency):
-    """logits (B, V); seen (B, V) bool: token in the prompt or output; counts (B, V):
-    times generated so far; repetition, presence, frequency (B,). Returns new logits."""
-    rep = repetition[:, None]
-    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
-    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
-
-
-def filter_logits(logits, top_k, top_p, min_p):
-    """Set to -inf every token outside a row's top-k, top-p nucleus and min-p set.
-
-    logits (B, V), already divided by the temperature; top_k (B,) long, 0 = off;
-    top_p, min_p (B,). Top-k keeps ties with the k-th value; top-p keeps the
-    smallest prefix (by probability) whose mass reaches top_p; min-p keeps
-    p >= min_p * p_max. The best token always survives.
-    """
-    B, V = logits.shape
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
-    kth = sorted_logits.gather(1, (k - 1)[:, None])  # (B, 1)
-    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly better-ranked tokens
-    drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)  # < 1: cumsum rounding must not cut the tail
-    drop |= probs < min_p[:, None] * probs[:, :1]  # a ratio, so renormalising after top-k does not change it
-    drop[:, 0] = False  # whatever the settings, the best token survives
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-
-
-def find_stop(text, stops, start):
-    """Index of the first stop string in text that ends after `start`, else None."""
-    hits = [i for s in stops if (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
-    return min(hits, default=None)
-
-
-def held_back(text, stops):
-    """Length of the longest end of text that could begin a stop string:
-    ("say ST", ["STOP"]) -> 2. A stream must not show it until it is sure."""
-    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
-               default=0)
 
 
 # -----------------------------------------------------------------------------
@@ -415,133 +276,6 @@ class _Sequence:
 
 
 # -----------------------------------------------------------------------------
-# KV blocks: allocation, prefix sharing, eviction
-
-class BlockManager:
-    """Which KV blocks are free, which sequence holds which, and what the full ones hold.
-
-    A full block's identity is hash((previous block's identity, its token ids)), so two blocks with
-    the same identity hold the same keys and values: sequences share them, counting references.
-    A block nobody references keeps its contents and identity, on an LRU list, until its memory is
-    needed: a prompt seen again (a system prompt, a GRPO group, the n choices of a request) is found
-    there. Block 0 of the pool is scratch, never handed out: padding positions write there.
-
-        seq A: [ 1 | 2 | 5 ]        blocks 1, 2 hold A's prompt; 5 its own continuation
-        seq B: [ 1 | 2 | 7 ]        B has the same first 32 prompt tokens: it shares 1 and 2
-    """
-
-    def __init__(self, num_blocks, block_size):
-        self.size = block_size
-        self.refs = [0] * (num_blocks + 1)
-        self.identity = [None] * (num_blocks + 1)
-        self.by_identity = {}
-        self.free = deque(range(1, num_blocks + 1))  # empty blocks
-        self.cached = OrderedDict()  # unreferenced blocks that keep their contents, least recently used first
-        self.hits = self.saved_tokens = 0
-
-    def available(self) -> int:
-        return len(self.free) + len(self.cached)
-
-    def used(self) -> int:
-        return len(self.refs) - 1 - self.available()
-
-    def match_prefix(self, seq) -> int:
-        """Give seq the cached blocks that hold the start of its context; how many tokens they cover.
-        A new sequence leaves at least its prompt's last token to compute (its logits give the first
-        new token); a preempted one may find everything but its last token."""
-        bs, identity = self.size, None
-        limit = seq.target if seq.tokens else len(seq.prompt) - 1
-        for i in range(limit // bs):
-            identity = hash((identity, tuple(seq.context(i * bs, (i + 1) * bs))))
-            block = self.by_identity.get(identity)
-            if block is None:
-                break
-            self.share(block)
-            seq.blocks.append(block)
-            seq.hashes.append(identity)
-        self.hits += len(seq.blocks)
-        self.saved_tokens += len(seq.blocks) * bs
-        return len(seq.blocks) * bs
-
-    def grow(self, seq, tokens) -> bool:
-        """Blocks for seq's first `tokens` tokens; False, taking none, if there are not enough."""
-        need = -(-tokens // self.size) - len(seq.blocks)
-        if need > self.available():
-            return False
-        seq.blocks += [self._take() for _ in range(need)]
-        return True
-
-    def commit(self, seq):
-        """Give an identity to each block of seq that its cached tokens have filled."""
-        bs = self.size
-        while (len(seq.hashes) + 1) * bs <= seq.cached:
-            i = len(seq.hashes)
-            identity = hash((seq.hashes[-1] if i else None, tuple(seq.context(i * bs, (i + 1) * bs))))
-            seq.hashes.append(identity)
-            block = seq.blocks[i]
-            if identity not in self.by_identity and self.identity[block] is None:
-                self.by_identity[identity], self.identity[block] = block, identity
-
-    def release(self, seq):
-        for block in seq.blocks:
-            self.refs[block] -= 1
-            if self.refs[block] == 0:
-                if self.identity[block] is None:
-                    self.free.append(block)
-                else:
-                    self.cached[block] = None
-        seq.blocks, seq.hashes = [], []
-
-    def share(self, block):
-        """One more sequence holds block."""
-        if self.refs[block] == 0:
-            del self.cached[block]
-        self.refs[block] += 1
-
-    def _take(self) -> int:
-        if self.free:
-            block = self.free.popleft()
-        else:  # evict the least recently used cached block
-            block, _ = self.cached.popitem(last=False)
-            del self.by_identity[self.identity[block]]
-            self.identity[block] = None
-        self.refs[block] = 1
-        return block
-
-
-# -----------------------------------------------------------------------------
-# Counter-based sampling: a token's random number depends on (seed, choice, position) only
-
-MASK64 = (1 << 64) - 1
-
-
-def _mix64(x: int) -> int:
-    """splitmix64's finaliser (Steele, Lea, Flood 2014): a bijection on 64-bit ints that scrambles every bit."""
-    x = (x + 0x9E3779B97F4A7C15) & MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
-    return x ^ (x >> 31)
-
-
-def uniform(seed: int, position: int) -> float:
-    """The random number in [0, 1) that draws the token at `position` of a choice with this seed."""
-    return (_mix64(_mix64(seed & MASK64) ^ position) >> 11) / float(1 << 53)
-
-
-def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling, all rows at once: row b takes the first token whose cumulative probability
-    exceeds u_b times the row's total. probs (B, V), u (B,) float64 -> tokens (B,).
-
-    One number per row instead of a generator per request: a seed gives the same tokens whatever else
-    is batched, however a batch is split, and after a preemption, because each draw depends only on
-    its row's distribution and (seed, choice, position). Tokens of zero probability are never drawn.
-    """
-    cdf = probs.double().cumsum(dim=-1)  # (B, V)
-    target = (u.to(cdf.device) * cdf[:, -1])[:, None]  # (B, 1)
-    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=probs.shape[1] - 1)
-
-
-# -----------------------------------------------------------------------------
 # The engine
 
 # Live engines, closed at interpreter exit: a daemon thread torn down inside a torch
@@ -562,9 +296,9 @@ class InferenceEngine:
         max_seq_len = max_seq_len or cfg.max_position_embeddings
         for name, value, low in (("max_batch_size", max_batch_size, 1), ("max_prefill_tokens", max_prefill_tokens, 1),
                                  ("block_size", block_size, 1)):
-            if not (_is_int(value) and value >= low):
+            if not (is_int(value) and value >= low):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not (_is_int(max_seq_len) and 2 <= max_seq_len <= cfg.max_position_embeddings):
+        if not (is_int(max_seq_len) and 2 <= max_seq_len <= cfg.max_position_embeddings):
             raise ValueError(f"max_seq_len must be in [2, {cfg.max_position_embeddings}] (the model's "
                              f"max_position_embeddings), got {max_seq_len!r}")
         if tokenizer.vocab_size > cfg.vocab_size:
@@ -604,7 +338,7 @@ class InferenceEngine:
             else:
                 budget = 4 << 30
             blocks = min(self.max_batch_size * per_seq, budget // per_block)
-        elif not (_is_num(kv_cache_gb) and kv_cache_gb > 0):
+        elif not (is_num(kv_cache_gb) and kv_cache_gb > 0):
             raise ValueError(f"kv_cache_gb must be a number > 0, got {kv_cache_gb!r}")
         else:
             blocks = int(kv_cache_gb * 2**30) // per_block
@@ -652,8 +386,8 @@ class InferenceEngine:
         ids = self._prompt_ids(prompt)
         V = self.model.config.vocab_size
         bad = next((i for i in params.stop_token_ids if i >= V), None)
-        _need(bad is None, "stop_token_ids", f"token id {bad} is outside the vocabulary [0, {V})")
-        _need(params.n <= self.max_batch_size, "n", f"{params.n} choices but this engine decodes at most "
+        need(bad is None, "stop_token_ids", f"token id {bad} is outside the vocabulary [0, {V})")
+        need(params.n <= self.max_batch_size, "n", f"{params.n} choices but this engine decodes at most "
               f"{self.max_batch_size} sequences at once (max_batch_size)")
         request = Request(ids, params, self._max_tokens(len(ids), params), self._wake)
         first = _Sequence(request, 0, self.tokenizer)
@@ -690,23 +424,23 @@ class InferenceEngine:
                 ids = self.tokenizer.encode(prompt)
             except ValueError as e:  # e.g. a lone surrogate ("\ud800" is valid JSON, not valid UTF-8)
                 raise RequestError(f"prompt: cannot be encoded: {e}", "prompt") from None
-        elif isinstance(prompt, (list, tuple)) and all(_is_int(i) for i in prompt):
+        elif isinstance(prompt, (list, tuple)) and all(is_int(i) for i in prompt):
             ids, V = list(prompt), self.model.config.vocab_size
             bad = next((i for i in ids if not 0 <= i < V), None)
-            _need(bad is None, "prompt", f"token id {bad} is outside the vocabulary [0, {V})")
+            need(bad is None, "prompt", f"token id {bad} is outside the vocabulary [0, {V})")
         else:
             raise RequestError("prompt: must be a string or a list of token ids", "prompt")
-        _need(len(ids) > 0, "prompt", "is empty; give at least one token to continue from")
+        need(len(ids) > 0, "prompt", "is empty; give at least one token to continue from")
         return ids
 
     def _max_tokens(self, prompt_len, params):
         """The number of tokens the request may generate; never silently less than asked."""
         room = self.max_seq_len - prompt_len
-        _need(room >= 1, "prompt", f"has {prompt_len} tokens but the context is {self.max_seq_len} tokens; "
+        need(room >= 1, "prompt", f"has {prompt_len} tokens but the context is {self.max_seq_len} tokens; "
               f"shorten it by at least {1 - room} tokens so one can be generated")
         if params.max_tokens is None:
             return room
-        _need(params.max_tokens <= room, "max_tokens",
+        need(params.max_tokens <= room, "max_tokens",
               f"{params.max_tokens} is {params.max_tokens - room} more than the context allows: the prompt "
               f"has {prompt_len} tokens and the context is {self.max_seq_len}, so ask for at most {room}")
         return params.max_tokens
@@ -1113,6 +847,7 @@ def main():
     sampling.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="KV pool size (default: one sequence's worth)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on CPU, as stored in the checkpoint on a GPU")
@@ -1120,7 +855,7 @@ def main():
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         engine = InferenceEngine.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch_size=1,
-                                                 max_seq_len=args.max_seq_len)
+                                                 max_seq_len=args.max_seq_len, kv_cache_gb=args.kv_cache_gb)
     except (OSError, ValueError, ImportError) as e:
         raise SystemExit(f"error: cannot load --model {args.model}: {e}")
     print(f"model {args.model} | {engine.model.num_params() / 1e6:.1f}M params | {args.device} "

@@ -643,8 +643,11 @@ def build_parser():
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--api-key", default=os.environ.get("ASTRAI_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $ASTRAI_API_KEY, else no key)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="KV slots: sequences decoded together")
+    p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together")
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="KV pool size (default: what --max-batch-size sequences at --max-seq-len need, at most "
+                   "4 GiB on CPU or half the free GPU memory)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights and KV cache (default: float32 on CPU, as stored on a GPU); bfloat16 halves both")
@@ -665,7 +668,7 @@ def load_engine(server, args, model_dir):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     server.engine = e = InferenceEngine.from_pretrained(
         model_dir, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-        max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
+        max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, kv_cache_gb=args.kv_cache_gb)
     print(f"ready: {e.model.num_params() / 1e6:.1f}M params on {device} ({e.model.lm_head.weight.dtype}) | "
           f"{e.memory()} | sampling defaults from the model: {e.sampling_defaults or 'none'}", flush=True)
 

@@ -1,0 +1,190 @@
+"""Sampling: what a request may ask for, and how one token per row is drawn.
+
+SamplingParams validates a request's settings against what the sampler's float32 / int64
+tensors can hold (a 400 naming the field, never a NaN in a batch). Then, per row, in this
+order: repetition penalty (CTRL, Keskar et al. 2019: seen tokens' positive logits are
+divided by it, negative ones multiplied), presence / frequency penalties (OpenAI:
+logit -= f * count + p * [count > 0] over generated tokens), temperature (0 = argmax),
+top-k, top-p (Holtzman et al. 2019), min-p (Nguyen et al. 2024: keep p >= min_p * p_max),
+and one inverse-CDF draw from a number fixed by (seed, position): counter-based, so a
+seed gives the same tokens whatever else is batched. Stop strings are matched on the
+decoded text, and text that may begin one is held back from a stream.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+MAX_STOP = 4  # stop strings per request (OpenAI's limit)
+MAX_STOP_CHARS = 256  # per stop string: every token is checked against each stop's prefixes
+MAX_STOP_IDS = 1024  # stop_token_ids per request
+MIN_POSITIVE = torch.finfo(torch.float32).tiny  # 1.2e-38: smaller positive temperatures / top_p are 0 in float32
+INT64 = 1 << 63
+MAX_N = 64  # choices per request
+MAX_TOP_LOGPROBS = 20
+DEFAULTS_FROM_MODEL = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # generation_config.json
+
+
+# -----------------------------------------------------------------------------
+# Errors and per-request settings
+
+class RequestError(ValueError):
+    """A request the engine cannot run as asked; `param` names the field (for HTTP 400s)."""
+
+    def __init__(self, message, param=None):
+        super().__init__(message)
+        self.param = param
+
+
+def need(ok, param, message):
+    if not ok:
+        raise RequestError(f"{param}: {message}", param)
+
+
+def is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_num(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: Optional[int] = None  # None: up to the end of the context
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # 1: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: Optional[int] = None  # choice i of n uses seed + i
+    stop: list = field(default_factory=list)  # strings; the text ends before the first one
+    stop_token_ids: list = field(default_factory=list)  # on top of EOS and <|im_end|>
+    ignore_eos: bool = False  # keep going past EOS / <|im_end|> (benchmarks)
+    logprobs: bool = False  # per-token logprob of each sampled token
+    top_logprobs: int = 0  # and this many best alternatives
+    n: int = 1
+    stop_id_set: frozenset = field(init=False, repr=False, compare=False)  # stop_token_ids, for O(1) checks
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        need(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
+              f"must be an integer >= 1 (got {self.max_tokens!r})")
+        # Bounds are those of the float32 / int64 tensors the sampler builds: a positive
+        # value below float32's smallest would become 0 there and turn a row into NaNs.
+        t = self.temperature
+        need(is_num(t) and (t == 0 or MIN_POSITIVE <= t <= 2), "temperature",
+              f"must be 0 (greedy) or a number in [{MIN_POSITIVE:.3g}, 2] (got {t!r})")
+        need(is_int(self.top_k) and 0 <= self.top_k < INT64, "top_k",
+              f"must be an integer in [0, 2**63), 0 = off (got {self.top_k!r})")
+        need(is_num(self.top_p) and MIN_POSITIVE <= self.top_p <= 1, "top_p",
+              f"must be a number in [{MIN_POSITIVE:.3g}, 1] (got {self.top_p!r})")
+        need(is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be a number in [0, 1] (got {self.min_p!r})")
+        # Past 100 a seen token's logit is pushed to about 0 or -inf either way; the bound
+        # keeps float32 logits finite (logit / 0.01 stays far from 3.4e38).
+        need(is_num(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 100, "repetition_penalty",
+              f"must be a number in [0.01, 100], 1 = off (got {self.repetition_penalty!r})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            need(is_num(value) and -2 <= value <= 2, name, f"must be a number in [-2, 2] (got {value!r})")
+        need(self.seed is None or (is_int(self.seed) and -INT64 <= self.seed < INT64), "seed",
+              f"must be a 64-bit integer (got {self.seed!r:.40})")
+        need(isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop), "stop",
+              f"must be a non-empty string or a list of them (got {self.stop!r:.60})")
+        need(len(self.stop) <= MAX_STOP, "stop", f"at most {MAX_STOP} stop strings (got {len(self.stop)})")
+        need(all(len(s) <= MAX_STOP_CHARS for s in self.stop), "stop",
+              f"each stop string may have at most {MAX_STOP_CHARS} characters")
+        ids = self.stop_token_ids
+        need(isinstance(ids, (list, tuple)) and all(is_int(i) and 0 <= i < INT64 for i in ids), "stop_token_ids",
+              f"must be a list of token ids (got {ids!r:.60})")
+        need(len(ids) <= MAX_STOP_IDS, "stop_token_ids", f"at most {MAX_STOP_IDS} ids (got {len(ids)})")
+        need(isinstance(self.ignore_eos, bool), "ignore_eos", "must be true or false")
+        need(isinstance(self.logprobs, bool), "logprobs", "must be true or false")
+        need(is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
+              f"must be an integer in [0, {MAX_TOP_LOGPROBS}] (got {self.top_logprobs!r})")
+        need(self.logprobs or not self.top_logprobs, "top_logprobs", "needs logprobs=true")
+        need(is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"must be an integer in [1, {MAX_N}] (got {self.n!r})")
+        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
+        self.stop_id_set = frozenset(self.stop_token_ids)
+
+
+# -----------------------------------------------------------------------------
+# Sampling filters: pure functions on a batch of logits, one setting per row
+
+def apply_penalties(logits, seen, counts, repetition, presence, frequency):
+    """logits (B, V); seen (B, V) bool: token in the prompt or output; counts (B, V):
+    times generated so far; repetition, presence, frequency (B,). Returns new logits."""
+    rep = repetition[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+
+
+def filter_logits(logits, top_k, top_p, min_p):
+    """Set to -inf every token outside a row's top-k, top-p nucleus and min-p set.
+
+    logits (B, V), already divided by the temperature; top_k (B,) long, 0 = off;
+    top_p, min_p (B,). Top-k keeps ties with the k-th value; top-p keeps the
+    smallest prefix (by probability) whose mass reaches top_p; min-p keeps
+    p >= min_p * p_max. The best token always survives.
+    """
+    B, V = logits.shape
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
+    kth = sorted_logits.gather(1, (k - 1)[:, None])  # (B, 1)
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly better-ranked tokens
+    drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)  # < 1: cumsum rounding must not cut the tail
+    drop |= probs < min_p[:, None] * probs[:, :1]  # a ratio, so renormalising after top-k does not change it
+    drop[:, 0] = False  # whatever the settings, the best token survives
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+def find_stop(text, stops, start):
+    """Index of the first stop string in text that ends after `start`, else None."""
+    hits = [i for s in stops if (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
+    return min(hits, default=None)
+
+
+def held_back(text, stops):
+    """Length of the longest end of text that could begin a stop string:
+    ("say ST", ["STOP"]) -> 2. A stream must not show it until it is sure."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
+
+
+# -----------------------------------------------------------------------------
+# Counter-based sampling: a token's random number depends on (seed, choice, position) only
+
+MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser (Steele, Lea, Flood 2014): a bijection on 64-bit ints that scrambles every bit."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def uniform(seed: int, position: int) -> float:
+    """The random number in [0, 1) that draws the token at `position` of a choice with this seed."""
+    return (_mix64(_mix64(seed & MASK64) ^ position) >> 11) / float(1 << 53)
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling, all rows at once: row b takes the first token whose cumulative probability
+    exceeds u_b times the row's total. probs (B, V), u (B,) float64 -> tokens (B,).
+
+    One number per row instead of a generator per request: a seed gives the same tokens whatever else
+    is batched, however a batch is split, and after a preemption, because each draw depends only on
+    its row's distribution and (seed, choice, position). Tokens of zero probability are never drawn.
+    """
+    cdf = probs.double().cumsum(dim=-1)  # (B, V)
+    target = (u.to(cdf.device) * cdf[:, -1])[:, None]  # (B, 1)
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=probs.shape[1] - 1)
