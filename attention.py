@@ -213,6 +213,11 @@ class KVBatch:
     write: torch.Tensor
     read: torch.Tensor
 
+    def __post_init__(self):
+        # which keys each query sees, built once for every layer: key j iff j <= the query's position
+        key_pos = torch.arange(self.read.shape[1], device=self.positions.device)
+        self.visible = (key_pos[None, None, :] <= self.positions[:, :, None])[:, None]  # (B, 1, T, S)
+
     @classmethod
     def from_tables(cls, cache: "PagedKVCache", positions: torch.Tensor, tables: list) -> "KVBatch":
         """positions (B, T) of the new tokens; tables[b]: row b's block ids, in order, covering its
@@ -335,20 +340,17 @@ class BlockManager:
 SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-           q_pos: Optional[torch.Tensor], impl: str = "sdpa") -> torch.Tensor:
+           visible: Optional[torch.Tensor], impl: str = "sdpa") -> torch.Tensor:
     """softmax(q k^T * scale + mask) v with grouped heads.
 
     q (B, H, T, Dk), k (B, Hkv, S, Dk), v (B, Hkv, S, Dv) -> (B, H, T, Dv).
-    q_pos (B, T) gives each query's absolute position; key j is visible to a
-    query at position p iff j <= p. q_pos None means T == S from position 0
+    visible (B, 1, T, S) says which keys each query may see (KVBatch.visible: key j
+    for a query at position p iff j <= p). None means T == S from position 0
     (a training forward): plain causal masking.
     """
     B, H, T, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    mask = None
-    if q_pos is not None:
-        key_pos = torch.arange(S, device=q.device)
-        mask = (key_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # (B, 1, T, S)
+    mask = visible
     if impl == "sdpa":
         if H == Hkv:
             gqa = {}
@@ -417,7 +419,7 @@ class GQA(nn.Module):
         if kv is not None:  # token-major in the cache: (B, T, Hkv, D) in, (B, S, Hkv, D) out
             k, v = kv.store_and_gather(layer, k.transpose(1, 2), v.transpose(1, 2))
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, S, D)
-        out = attend(q, k, v, 1.0 / math.sqrt(self.D), None if kv is None else kv.positions, self.impl)  # (B, H, T, D)
+        out = attend(q, k, v, 1.0 / math.sqrt(self.D), None if kv is None else kv.visible, self.impl)  # (B, H, T, D)
         out = out.transpose(1, 2)  # (B, T, H, D)
         if self.gated:
             out = out * torch.sigmoid(gate)
@@ -483,24 +485,24 @@ class MLA(nn.Module):
             c, k_rope = kv.store_and_gather(layer, c, k_rope)  # (B, S, R), (B, S, Dr)
         absorb = self.absorb if self.absorb is not None else kv is not None
         attn = self._absorbed if absorb else self._naive
-        out = attn(q_nope, q_rope, c, k_rope, None if kv is None else kv.positions)  # (B, H, T, Dv)
+        out = attn(q_nope, q_rope, c, k_rope, None if kv is None else kv.visible)  # (B, H, T, Dv)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def _naive(self, q_nope, q_rope, c, k_rope, q_pos):
+    def _naive(self, q_nope, q_rope, c, k_rope, visible):
         """Expand the latent to per-head keys and values, then ordinary attention."""
         B, S = c.shape[0], c.shape[1]
         kv = self.kv_b_proj(c).view(B, S, self.H, self.Dn + self.Dv).transpose(1, 2)  # (B, H, S, Dn+Dv)
         k_nope, v = kv.split([self.Dn, self.Dv], dim=-1)
         k = torch.cat([k_nope, k_rope[:, None].expand(B, self.H, S, self.Dr)], dim=-1)  # (B, H, S, Dn+Dr)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, Dn+Dr)
-        return attend(q, k, v, self.scale, q_pos, self.impl)
+        return attend(q, k, v, self.scale, visible, self.impl)
 
-    def _absorbed(self, q_nope, q_rope, c, k_rope, q_pos):
+    def _absorbed(self, q_nope, q_rope, c, k_rope, visible):
         """Attention in latent space: one shared key/value head of width R (+Dr for the key)."""
         w = self.kv_b_proj.weight.view(self.H, self.Dn + self.Dv, self.R)
         w_k, w_v = w[:, :self.Dn], w[:, self.Dn:]  # (H, Dn, R), (H, Dv, R)
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_k)  # (B, H, T, R)
         q = torch.cat([q_lat, q_rope], dim=-1)  # (B, H, T, R+Dr)
         k = torch.cat([c, k_rope], dim=-1)[:, None]  # (B, 1, S, R+Dr)
-        out_lat = attend(q, k, c[:, None], self.scale, q_pos, self.impl)  # (B, H, T, R)
+        out_lat = attend(q, k, c[:, None], self.scale, visible, self.impl)  # (B, H, T, R)
         return torch.einsum("bhtr,hdr->bhtd", out_lat, w_v)  # (B, H, T, Dv)

@@ -474,8 +474,8 @@ class InferenceEngine:
         ttft = list(self._ttft)
         b = self.blocks
         with self._cv:
-            out = {"waiting": len(self._waiting), "running": len(self._running),
-                   "free_slots": self.max_batch_size - len(self._running)}
+            running = sum(1 for s in list(self._running) if s.blocks)  # a finished one gave its blocks back first
+            out = {"waiting": len(self._waiting), "running": running, "free_slots": self.max_batch_size - running}
         return {**out, "max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,
                 "kv_cache_bytes": self.cache.nbytes(), "block_size": b.size, "blocks_total": len(b.refs) - 1,
                 "blocks_used": b.used(), "blocks_cached": len(b.cached), "prefix_cache_hits": b.hits,
