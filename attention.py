@@ -271,12 +271,10 @@ class BlockManager:
         return len(self.refs) - 1 - self.available()
 
     def match_prefix(self, seq) -> int:
-        """Give seq the cached blocks that hold the start of its context; how many tokens they cover.
-        A new sequence leaves at least its prompt's last token to compute (its logits give the first
-        new token); a preempted one may find everything but its last token."""
+        """Give seq the cached blocks that hold the start of its context (up to seq.target tokens);
+        how many tokens they cover."""
         bs, identity = self.size, None
-        limit = seq.target if seq.tokens else len(seq.prompt) - 1
-        for i in range(limit // bs):
+        for i in range(seq.target // bs):
             identity = hash((identity, tuple(seq.context(i * bs, (i + 1) * bs))))
             block = self.by_identity.get(identity)
             if block is None:
@@ -293,7 +291,7 @@ class BlockManager:
         need = -(-tokens // self.size) - len(seq.blocks)
         if need > self.available():
             return False
-        seq.blocks += [self._take() for _ in range(need)]
+        seq.blocks += [self.take() for _ in range(need)]
         return True
 
     def commit(self, seq):
@@ -309,13 +307,17 @@ class BlockManager:
 
     def release(self, seq):
         for block in seq.blocks:
-            self.refs[block] -= 1
-            if self.refs[block] == 0:
-                if self.identity[block] is None:
-                    self.free.append(block)
-                else:
-                    self.cached[block] = None
+            self.unshare(block)
         seq.blocks, seq.hashes = [], []
+
+    def unshare(self, block):
+        """One holder fewer; an unheld block stays cached if it has an identity, else it is free."""
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            if self.identity[block] is None:
+                self.free.append(block)
+            else:
+                self.cached[block] = None
 
     def share(self, block):
         """One more sequence holds block."""
@@ -323,7 +325,8 @@ class BlockManager:
             del self.cached[block]
         self.refs[block] += 1
 
-    def _take(self) -> int:
+    def take(self) -> int:
+        """A block for new contents: a free one, else the least recently used cached one."""
         if self.free:
             block = self.free.popleft()
         else:  # evict the least recently used cached block

@@ -554,6 +554,9 @@ class InferenceEngine:
                     self._fork(seq, lead)
                 else:
                     seq.cached = self.blocks.match_prefix(seq)
+                if seq.cached == len(seq.prompt) and not seq.tokens and not self._recompute_last(seq):
+                    self.blocks.release(seq)
+                    break
                 if not self.blocks.grow(seq, seq.target + 1):
                     self.blocks.release(seq)
                     break
@@ -571,13 +574,33 @@ class InferenceEngine:
             self.blocks.share(block)
         seq.blocks, seq.hashes = lead.blocks[:full], lead.hashes[:full]
         if keep % bs and self.blocks.grow(seq, keep):  # a block of our own for the partial tail
-            src, dst = lead.blocks[full] * bs, seq.blocks[full] * bs
-            for bufs in self.cache.layers:
-                for buf in bufs:
-                    buf[dst:dst + keep % bs] = buf[src:src + keep % bs]
+            self._copy_block(lead.blocks[full], seq.blocks[full], keep % bs)
         seq.cached = min(keep, len(seq.blocks) * bs)
         self.blocks.hits += full
         self.blocks.saved_tokens += seq.cached
+
+    def _recompute_last(self, seq) -> bool:
+        """The whole prompt was found in the cache, but its last token's logits draw the first new
+        token: copy the last (shared) block to one of our own and compute that token again (copy on
+        write: a shared block is never written). False if no block is free."""
+        if not self.blocks.available():
+            return False
+        shared, bs = seq.blocks[-1], self.blocks.size
+        copy = self.blocks.take()
+        self._copy_block(shared, copy, (seq.cached - 1) % bs + 1)
+        seq.blocks[-1] = copy
+        self.blocks.unshare(shared)
+        seq.hashes.pop()
+        seq.cached -= 1
+        self.blocks.saved_tokens -= 1
+        return True
+
+    def _copy_block(self, src, dst, n):
+        """The first n token slots of block src into block dst, in every layer."""
+        bs = self.blocks.size
+        for bufs in self.cache.layers:
+            for buf in bufs:
+                buf[dst * bs:dst * bs + n] = buf[src * bs:src * bs + n]
 
     def _reserve(self, seqs) -> list:
         """Room for one more token for each sequence, oldest first. When blocks run out, the

@@ -202,7 +202,9 @@ class GRPO:
         n = mask.sum().clamp(min=1)
         active = ((ratio > 1 + self.clip_high) & (adv > 0)) | ((ratio < 1 - self.clip_low) & (adv < 0))
         rewards = batch["rewards"].float()
+        groups = rewards.view(-1, self.G)  # a group whose rewards are all equal has zero advantage: no gradient
         return loss, {"reward_mean": rewards.mean().item(),
+                      "groups_with_signal": (groups.amax(1) > groups.amin(1)).float().mean().item(),
                       "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
                       "clip_frac": ((active.float() * mask).sum() / n).item(),
                       "kl": ((kl.detach() * mask).sum() / n).item(),

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import random
-import shutil
 import socket
 import sys
 import time
@@ -766,68 +765,12 @@ def fit(run, resume_from):
     return record
 
 
-# -----------------------------------------------------------------------------
-# The default run: every stage on the built-in task
-
-DEMO_STAGES = [  # (run name, --type, data, start from, steps, extra flags)
-    ("demo-1-pretrain", "seq", "seq", None, 300, ["--batch-size", "16", "--lr", "2e-3", "--warmup", "20"]),
-    ("demo-2-sft", "sft", "sft", "demo-1-pretrain", 200, ["--batch-size", "16", "--lr", "1e-3", "--warmup", "10"]),
-    ("demo-3-dpo", "dpo", "dpo", "demo-2-sft", 60, ["--batch-size", "8", "--lr", "2e-5", "--min-lr", "2e-6",
-                                                    "--beta", "0.1"]),
-    ("demo-4-grpo", "grpo", "grpo", "demo-3-dpo", 40, ["--batch-size", "32", "--group-size", "8", "--lr", "5e-5",
-                                                      "--min-lr", "5e-6", "--temperature", "0.8",
-                                                      "--max-new-tokens", "24", "--mu", "2"]),
-]
-
-
-def demo(root: str = "runs", scale: float = 1.0, eval_problems: int = 128):
-    """Tokenizer, data, then pretrain -> SFT -> DPO -> GRPO on the arithmetic task,
-    printing each stage's held-out exact-match accuracy (greedy). scale shrinks
-    every stage's steps (the tests run it at a few percent)."""
-    task, data_dir = data.ArithmeticTask(0), os.path.join(root, "demo-data")
-    previous = [os.path.join(root, name) for name, *_ in DEMO_STAGES if os.path.isdir(os.path.join(root, name))]
-    if previous:  # the demo's own directories: a new demo run replaces them
-        print(f"demo: replacing the previous demo run ({', '.join(previous)})")
-        for path in previous:
-            shutil.rmtree(path)
-    os.makedirs(data_dir, exist_ok=True)
-    t0 = time.time()
-    records = {kind: task.records(kind, 20000) for kind in ("seq", "sft", "dpo", "grpo")}
-    tok = tokenizer_lib.train([r["text"] for r in records["seq"][:5000]], vocab_size=512)
-    tok.save(os.path.join(data_dir, "tokenizer"))
-    for kind, recs in records.items():
-        data.prepare(kind, list(enumerate(recs, 1)), tok, os.path.join(data_dir, f"{kind}.h5"), log=None)
-    heldout = os.path.join(data_dir, "eval.h5")
-    data.prepare("grpo", list(enumerate(task.records("grpo", eval_problems, "eval"), 1)), tok, heldout, log=None)
-    print(f"demo: tokenizer ({tok.vocab_size} tokens) and data in {data_dir} ({time.time() - t0:.0f}s)", flush=True)
-
-    def accuracy(model_dir):
-        return main(["--type", "grpo", "--eval-only", "--data", heldout, "--model", model_dir, "--seq-len", "128",
-                     "--batch-size", "16", "--eval-batches", str(eval_problems // 16 + 1),
-                     "--max-new-tokens", "24"])["eval_reward"]
-
-    rows = []
-    for name, kind, data_kind, start, steps, extra in DEMO_STAGES:
-        out, t = os.path.join(root, name), time.time()
-        source = ["--model", checkpoint.latest(os.path.join(root, start))] if start else \
-            ["--preset", "tiny", "--tokenizer", os.path.join(data_dir, "tokenizer")]
-        print(f"\n== {name}: {kind}", flush=True)
-        last = main(["--type", kind, "--data", os.path.join(data_dir, f"{data_kind}.h5"), *source, "--out", out,
-                     "--steps", str(max(1, int(steps * scale))), "--seq-len", "128", "--log-every", "25",
-                     "--keep-last", "1", *extra])
-        rows.append((name, last["step"], (time.time() - t) / 60, last["loss"], accuracy(checkpoint.latest(out))))
-    print(f"\n{'stage':<18}{'steps':>6}{'minutes':>9}{'loss':>9}{'held-out accuracy':>19}")
-    for name, steps, minutes, loss, acc in rows:
-        print(f"{name:<18}{steps:>6}{minutes:>9.1f}{loss:>9.4f}{acc:>18.1%}")
-    print(f"\nserve the result: python server.py   (newest: {checkpoint.latest(os.path.join(root, rows[-1][0]))})")
-    return rows
-
-
 def main(argv=None):
     """Returns the last metrics record (or eval results) of a single-process run."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        return demo()
+    if not argv or argv[0] in ("--seed", "--plot"):  # the default run: every stage on the built-in task
+        import demo
+        return demo.main(argv)
     args = build_parser().parse_args(argv)
     check_args(args)
     if args.nprocs > 1 and "WORLD_SIZE" not in os.environ:

@@ -471,3 +471,16 @@ def test_32_seeded_requests_mixed_with_unseeded_are_batch_independent(make_engin
         mixed.append(engine.submit(p, sp))
         engine.submit(p, noise)  # unseeded companions, different every run
     assert [r.result().token_ids for r in mixed] == alone
+
+
+def test_a_fully_cached_prompt_recomputes_only_its_last_token(make_engine, model, tok):
+    """Copy on write: the prompt's last block is copied before its last token is computed again, so
+    the shared block (still cached for the next request) is never written."""
+    engine = make_engine(block_size=4)
+    prompt = tok.encode(" ".join(WORDS * 3))[:16]  # exactly 4 full blocks
+    want = generate_reference(model, prompt, 6)
+    runs = []
+    for _ in range(3):
+        before = engine.stats()["prefill_tokens"]
+        runs.append((engine.submit(prompt, greedy(6)).result().token_ids, engine.stats()["prefill_tokens"] - before))
+    assert runs == [(want, 16), (want, 1), (want, 1)]

@@ -317,17 +317,25 @@ def math_cos(fraction):
 
 def test_default_run_goes_through_every_stage(tmp_path, capsys):
     """`python train.py` with no arguments, shrunk to a few steps per stage."""
-    rows = train.demo(str(tmp_path), scale=0.02, eval_problems=16)
-    assert [r[0] for r in rows] == [name for name, *_ in train.DEMO_STAGES]
-    for name, steps, minutes, loss, acc in rows:
-        assert steps >= 1 and 0.0 <= acc <= 1.0 and loss == loss
-        assert (tmp_path / name / "latest").exists()
+    import demo
+    rows = demo.run(str(tmp_path), scale=0.02, eval_problems=16)
+    assert [r[0] for r in rows] == [s[0] for s in demo.STAGES + [demo.RM_GRPO]]
+    for name, steps, minutes, key, (start, end), signal, score in rows:
+        assert (tmp_path / name / "latest").exists() and steps >= 1
+        assert key == ("reward_mean" if "grpo" in name else "loss")
+        assert score in [k / 16 for k in range(17)]  # a count out of the 16 held-out problems (or pairs)
     out = capsys.readouterr().out
-    assert "held-out accuracy" in out and "python server.py" in out
+    assert "pairwise accuracy" in out and "groups learn" in out and "python server.py" in out
     from server import default_model_dir
-    assert default_model_dir(str(tmp_path)).startswith(str(tmp_path / "demo-4-grpo"))
-    train.demo(str(tmp_path), scale=0.01, eval_problems=16)  # a second demo replaces the first
+    assert default_model_dir(str(tmp_path)).startswith(str(tmp_path / "demo-6-grpo-rm"))
+    demo.run(str(tmp_path), scale=0.01, eval_problems=16)  # a second demo replaces the first
     assert "replacing the previous demo run" in capsys.readouterr().out
+
+
+def test_plot_draws_the_stages_or_says_what_is_missing(tmp_path):
+    import demo
+    with pytest.raises(SystemExit, match="no demo run under"):
+        demo.plot(str(tmp_path))
 
 
 # -----------------------------------------------------------------------------

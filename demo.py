@@ -1,0 +1,168 @@
+"""The default run: `python train.py` trains every stage on the built-in task and prints what each did.
+
+    python train.py                  # seed 0: tokenizer, data, then every stage, in runs/demo-*
+    python train.py --seed 3         # the whole run from another seed
+    python train.py --plot runs      # the stages' curves in runs/demo.png (needs matplotlib)
+
+Stages (data.ArithmeticTask, the tiny preset, CPU): pretraining on plain text, SFT on chats, a
+Bradley-Terry reward model on preference pairs, DPO and GRPO from the SFT model, and GRPO driven by
+the reward model beside GRPO driven by the exact-match reward, so reward hacking (or its absence)
+shows. Every score is on held-out problems no stage trained on: exact match of the last number,
+greedy, in the stage's own format (plain text for pretraining, chat after), and the reward model's
+pairwise accuracy (chosen ranked above rejected).
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+
+import checkpoint
+import data
+import tokenizer as tokenizer_lib
+
+# (run name, --type, data file, start from, steps, flags)
+STAGES = [
+    ("demo-1-pretrain", "seq", "seq", None, 300, ["--batch-size", "16", "--lr", "2e-3", "--warmup", "20"]),
+    ("demo-2-sft", "sft", "sft", "demo-1-pretrain", 200, ["--batch-size", "16", "--lr", "1e-3", "--warmup", "10"]),
+    ("demo-3-rm", "rm", "dpo", "demo-2-sft", 60, ["--batch-size", "8", "--lr", "1e-4", "--min-lr", "1e-5"]),
+    ("demo-4-dpo", "dpo", "dpo", "demo-2-sft", 60, ["--batch-size", "8", "--lr", "2e-5", "--min-lr", "2e-6",
+                                                    "--beta", "0.1"]),
+    ("demo-5-grpo", "grpo", "grpo", "demo-4-dpo", 40, ["--batch-size", "32", "--group-size", "8", "--lr", "5e-5",
+                                                      "--min-lr", "5e-6", "--temperature", "0.8",
+                                                      "--max-new-tokens", "24", "--mu", "2"]),
+]
+RM_GRPO = ("demo-6-grpo-rm", "grpo", "grpo", "demo-4-dpo", 40, STAGES[4][5])  # the same, rewarded by demo-3-rm
+
+
+def prepare(root, seed, eval_problems):
+    """Tokenizer and one HDF5 file per stage, plus held-out problems in chat form (eval.h5) and as
+    preference pairs (eval-pairs.h5). Returns (data directory, tokenizer, held-out plain-text problems)."""
+    task, data_dir = data.ArithmeticTask(seed), os.path.join(root, "demo-data")
+    os.makedirs(data_dir, exist_ok=True)
+    records = {kind: task.records(kind, 20000) for kind in ("seq", "sft", "dpo", "grpo")}
+    tok = tokenizer_lib.train([r["text"] for r in records["seq"][:5000]], vocab_size=512)
+    tok.save(os.path.join(data_dir, "tokenizer"))
+    for kind, recs in records.items():
+        data.prepare(kind, list(enumerate(recs, 1)), tok, os.path.join(data_dir, f"{kind}.h5"), log=None)
+    heldout = task.records("grpo", eval_problems, "eval")
+    data.prepare("grpo", list(enumerate(heldout, 1)), tok, os.path.join(data_dir, "eval.h5"), log=None)
+    data.prepare("dpo", list(enumerate(task.records("dpo", eval_problems, "eval"), 1)), tok,
+                 os.path.join(data_dir, "eval-pairs.h5"), log=None)
+    return data_dir, tok, [(r["messages"][0]["content"], r["answer"]) for r in heldout]
+
+
+def plain_accuracy(model_dir, problems):
+    """Pretraining's own format: "question\\n" continued greedily up to the newline, scored by exact match."""
+    from engine import InferenceEngine, SamplingParams
+    with InferenceEngine.from_pretrained(model_dir, max_batch_size=32, max_seq_len=160) as engine:
+        params = SamplingParams(max_tokens=24, temperature=0, stop=["\n"])
+        outs = engine.generate([q + "\n" for q, _ in problems], params)
+    return sum(data.ArithmeticTask.score(o.text, a) for o, (_, a) in zip(outs, problems)) / len(problems)
+
+
+def held_out_score(train_main, kind, model_dir, data_dir, problems):
+    """The stage's held-out figure: exact match (plain text for pretraining, chat after), or the reward
+    model's pairwise accuracy."""
+    if kind == "seq":
+        return plain_accuracy(model_dir, problems)
+    batches = str(len(problems) // 16 + 1)
+    if kind == "rm":
+        return train_main(["--type", "rm", "--eval-only", "--data", os.path.join(data_dir, "eval-pairs.h5"),
+                           "--model", model_dir, "--seq-len", "128", "--batch-size", "16",
+                           "--eval-batches", batches])["eval_accuracy"]
+    return train_main(["--type", "grpo", "--eval-only", "--data", os.path.join(data_dir, "eval.h5"), "--model",
+                       model_dir, "--seq-len", "128", "--batch-size", "16", "--eval-batches", batches,
+                       "--max-new-tokens", "24"])["eval_reward"]
+
+
+def start_end(run_dir, key):
+    """(first, last) of a metric over a stage's steps."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        values = [json.loads(line)[key] for line in f]
+    return values[0], values[-1]
+
+
+def run(root="runs", seed=0, scale=1.0, eval_problems=128):
+    """Every stage, then the table. scale shrinks every stage's steps (the tests run a few percent)."""
+    from train import main as train_main
+    stages = STAGES + [RM_GRPO]
+    previous = [os.path.join(root, s[0]) for s in stages if os.path.isdir(os.path.join(root, s[0]))]
+    if previous:  # the demo's own directories: a new demo run replaces them
+        print(f"demo: replacing the previous demo run ({', '.join(previous)})")
+        for path in previous:
+            shutil.rmtree(path)
+    t0 = time.time()
+    data_dir, tok, problems = prepare(root, seed, eval_problems)
+    print(f"demo: seed {seed}, tokenizer ({tok.vocab_size} tokens) and data in {data_dir} "
+          f"({time.time() - t0:.0f}s)", flush=True)
+    rows = []
+    for name, kind, data_kind, start, steps, extra in stages:
+        out, t = os.path.join(root, name), time.time()
+        source = ["--model", checkpoint.latest(os.path.join(root, start))] if start else \
+            ["--preset", "tiny", "--tokenizer", os.path.join(data_dir, "tokenizer")]
+        reward = ["--reward-model", checkpoint.latest(os.path.join(root, "demo-3-rm"))] if name == RM_GRPO[0] else []
+        print(f"\n== {name}: {kind}", flush=True)
+        last = train_main(["--type", kind, "--data", os.path.join(data_dir, f"{data_kind}.h5"), *source, "--out", out,
+                           "--steps", str(max(1, int(steps * scale))), "--seq-len", "128", "--log-every", "25",
+                           "--keep-last", "1", "--seed", str(seed), *extra, *reward])
+        key = "reward_mean" if kind == "grpo" else "loss"
+        signal = start_end(out, "groups_with_signal") if kind == "grpo" else None
+        rows.append((name, last["step"], (time.time() - t) / 60, key, start_end(out, key), signal,
+                     held_out_score(train_main, kind, checkpoint.latest(out), data_dir, problems)))
+    print_table(rows, time.time() - t0)
+    return rows
+
+
+def print_table(rows, seconds):
+    print(f"\n{'stage':<16}{'steps':>6}{'min':>6}  {'train metric: start -> end':<30}{'held-out':>22}")
+    for name, steps, minutes, key, (a, b), signal, score in rows:
+        what = "pairwise accuracy" if "rm" == name.split("-")[-1] else "exact match"
+        extra = f" ({signal[1]:.0%} groups learn)" if signal else ""
+        print(f"{name:<16}{steps:>6}{minutes:>6.1f}  {f'{key} {a:.3f} -> {b:.3f}{extra}':<30}"
+              f"{f'{score:.1%} {what}':>22}")
+    print(f"\n{seconds / 60:.1f} minutes in all. The exact-match rewarded GRPO (demo-5) is the model to serve: "
+          f"python server.py --model runs/demo-5-grpo")
+
+
+def plot(root):
+    """Each stage's training curve (loss, or GRPO's mean reward) in ROOT/demo.png."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --plot draws with matplotlib, an optional dependency: pip install matplotlib")
+    stages = [s for s in STAGES + [RM_GRPO] if os.path.isfile(os.path.join(root, s[0], "metrics.jsonl"))]
+    if not stages:
+        raise SystemExit(f"error: no demo run under {root} (runs/demo-*/metrics.jsonl): run `python train.py` first")
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 3))
+    for ax, (name, kind, *_) in zip(axes if len(stages) > 1 else [axes], stages):
+        with open(os.path.join(root, name, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        key = "reward_mean" if kind == "grpo" else "loss"
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows])
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+    fig.tight_layout()
+    path = os.path.join(root, "demo.png")
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+    return path
+
+
+def main(argv):
+    """`python train.py [--seed N] [--plot ROOT]`."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python train.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0, help="one seed for the whole run: task, data order, init, sampling")
+    p.add_argument("--plot", metavar="ROOT", help="draw ROOT/demo-*/metrics.jsonl into ROOT/demo.png and exit")
+    args = p.parse_args(argv)
+    return plot(args.plot) if args.plot else run(seed=args.seed)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
