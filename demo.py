@@ -109,34 +109,35 @@ def run(root="runs", seed=0, scale=1.0, eval_problems=128):
                            "--keep-last", "1", "--seed", str(seed), *extra, *reward])
         key = "reward_mean" if kind == "grpo" else "loss"
         signal = start_end(out, "groups_with_signal") if kind == "grpo" else None
-        rows.append((name, last["step"], (time.time() - t) / 60, key, start_end(out, key), signal,
+        rows.append((name, kind, last["step"], (time.time() - t) / 60, key, start_end(out, key), signal,
                      held_out_score(train_main, kind, checkpoint.latest(out), data_dir, problems)))
     print_table(rows, time.time() - t0)
     return rows
 
 
 def print_table(rows, seconds):
-    print(f"\n{'stage':<16}{'steps':>6}{'min':>6}  {'train metric: start -> end':<30}{'held-out':>22}")
-    for name, steps, minutes, key, (a, b), signal, score in rows:
-        what = "pairwise accuracy" if "rm" == name.split("-")[-1] else "exact match"
-        extra = f" ({signal[1]:.0%} groups learn)" if signal else ""
-        print(f"{name:<16}{steps:>6}{minutes:>6.1f}  {f'{key} {a:.3f} -> {b:.3f}{extra}':<30}"
-              f"{f'{score:.1%} {what}':>22}")
+    """One line per stage: its training metric from the first step to the last (GRPO: mean reward, and
+    the share of groups whose rewards differ, the only ones with a gradient), and its held-out score."""
+    print(f"\n{'stage':<16}{'steps':>6}{'min':>6}  {'train metric, first -> last step':<52}held-out")
+    for name, kind, steps, minutes, key, (a, b), signal, score in rows:
+        what = "pairwise accuracy" if kind == "rm" else "exact match"
+        extra = f"; groups with signal {signal[0]:.0%} -> {signal[1]:.0%}" if signal else ""
+        print(f"{name:<16}{steps:>6}{minutes:>6.1f}  {f'{key} {a:.3f} -> {b:.3f}{extra}':<52}{score:.1%} {what}")
     print(f"\n{seconds / 60:.1f} minutes in all. The exact-match rewarded GRPO (demo-5) is the model to serve: "
           f"python server.py --model runs/demo-5-grpo")
 
 
 def plot(root):
     """Each stage's training curve (loss, or GRPO's mean reward) in ROOT/demo.png."""
+    stages = [s for s in STAGES + [RM_GRPO] if os.path.isfile(os.path.join(root, s[0], "metrics.jsonl"))]
+    if not stages:
+        raise SystemExit(f"error: no demo run under {root} (runs/demo-*/metrics.jsonl): run `python train.py` first")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("error: --plot draws with matplotlib, an optional dependency: pip install matplotlib")
-    stages = [s for s in STAGES + [RM_GRPO] if os.path.isfile(os.path.join(root, s[0], "metrics.jsonl"))]
-    if not stages:
-        raise SystemExit(f"error: no demo run under {root} (runs/demo-*/metrics.jsonl): run `python train.py` first")
     fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 3))
     for ax, (name, kind, *_) in zip(axes if len(stages) > 1 else [axes], stages):
         with open(os.path.join(root, name, "metrics.jsonl")) as f:
