@@ -388,7 +388,7 @@ class InferenceEngine:
         bad = next((i for i in params.stop_token_ids if i >= V), None)
         need(bad is None, "stop_token_ids", f"token id {bad} is outside the vocabulary [0, {V})")
         need(params.n <= self.max_batch_size, "n", f"{params.n} choices but this engine decodes at most "
-              f"{self.max_batch_size} sequences at once (max_batch_size)")
+              f"{self.max_batch_size} sequences at once; ask for at most {self.max_batch_size} (--max-batch-size)")
         request = Request(ids, params, self._max_tokens(len(ids), params), self._wake)
         first = _Sequence(request, 0, self.tokenizer)
         sequences = [first] + [_Sequence(request, i, self.tokenizer, leader=first) for i in range(1, params.n)]
