@@ -28,7 +28,7 @@ ignore_eos and stop_token_ids (as vLLM accepts them).
 Each connection runs in its own thread (ThreadingHTTPServer), up to
 --max-connections (the next ones get a quick 503), and each request waits
 on its engine request, checking the socket every POLL_S: a client that goes
-away has its request aborted, which frees the KV slot. Every read and write
+away has its request aborted, which frees its KV blocks. Every read and write
 has a --timeout, so stalled clients and streams nobody reads end too.
 Content-Length is parsed strictly (RFC 9112 section 6.3) and no JSON error
 is a 500. Handlers never touch tensors. SIGINT / SIGTERM: stop accepting,
@@ -467,7 +467,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._event({**head, "choices": [], "usage": request.result().usage})
             self._end_stream()
         finally:
-            request.abort()  # a no-op once finished; frees the slot if the client went away
+            request.abort()  # a no-op once finished; frees the KV blocks if the client went away
 
 
 # -----------------------------------------------------------------------------
