@@ -28,14 +28,18 @@ def tok():
     return tokenizer.train([" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(2000)], 400)
 
 
-@pytest.fixture(scope="module")
-def model(tok):
+def two_layer(preset, tok):
     # Untied head and a wide init: greedy outputs vary with the context and the top two
     # logits are far apart, so batching noise (~1e-6) cannot flip an argmax.
     torch.manual_seed(0)
-    cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size, num_hidden_layers=2,
+    cfg = dataclasses.replace(PRESETS[preset], vocab_size=tok.vocab_size, num_hidden_layers=2,
                               max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False)
     return Transformer(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return two_layer("tiny", tok)
 
 
 @pytest.fixture
@@ -401,10 +405,7 @@ def test_tiny_temperatures_and_extreme_penalties_stay_finite(make_engine, tok):
 
 @pytest.fixture(scope="module")
 def mla_model(tok):
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(PRESETS["tiny-mla"], vocab_size=tok.vocab_size, num_hidden_layers=2,
-                              max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False)
-    return Transformer(cfg).eval()
+    return two_layer("tiny-mla", tok)
 
 
 @pytest.mark.parametrize("kind", ["gqa", "mla"])

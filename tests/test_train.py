@@ -243,23 +243,30 @@ def test_fsdp_resume_continues_exactly_and_at_another_world_size(files, tmp_path
         torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=0)
 
 
-def test_nan_loss_stops_with_last_good_checkpoint(files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("what", ["loss", "gradient norm"])
+def test_nan_stops_before_the_update_and_is_never_saved(what, files, tmp_path, monkeypatch):
+    """At step 3 the loss is NaN, or the loss is finite and one weight's gradient is not (that one was once
+    applied and saved): the run stops before the update, naming step 2 as the last good checkpoint."""
     d, _ = files
     real = strategies.CrossEntropy.loss
     calls = {"n": 0}
 
-    def flaky(self, model, batch):
+    def poisoned(self, model, batch):
         loss, m = real(self, model, batch)
         calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 3 else loss), m
-
-    monkeypatch.setattr(strategies.CrossEntropy, "loss", flaky)
+        if calls["n"] == 3 and what == "loss":
+            loss = loss * float("nan")
+        elif calls["n"] == 3:
+            next(model.parameters()).register_hook(lambda g: g * float("nan"))
+        return loss, m
+    monkeypatch.setattr(strategies.CrossEntropy, "loss", poisoned)
     out = tmp_path / "nan"
-    with pytest.raises(RuntimeError, match=r"loss is nan at step 3.*step_000002"):
+    with pytest.raises(RuntimeError, match=rf"{what} is nan at step 3.*step_000002"):
         train.main(["--type", "seq", "--data", str(d / "seq.h5"), "--model", str(d / "model"), "--out", str(out),
                     "--steps", "5", "--save-every", "2", *SMALL])
     assert open(out / "latest").read().strip() == "step_000002"
-    Transformer.from_pretrained(str(out / "step_000002"))
+    weights = load_file(str(out / "step_000002" / "model.safetensors"))
+    assert all(t.isfinite().all() for t in weights.values())
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -344,27 +351,7 @@ def test_plot_says_what_is_missing(tmp_path, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# Defects once found: each test failed before its fix
-
-def test_nan_gradient_with_a_finite_loss_stops_and_is_never_saved(files, tmp_path, monkeypatch):
-    d, _ = files
-    real = strategies.CrossEntropy.loss
-    calls = {"n": 0}
-
-    def poison_grad(self, model, batch):
-        calls["n"] += 1
-        if calls["n"] == 3:  # step 3: the loss is finite, one weight's gradient is not
-            next(model.parameters()).register_hook(lambda g: g * float("nan"))
-        return real(self, model, batch)
-    monkeypatch.setattr(strategies.CrossEntropy, "loss", poison_grad)
-    out = tmp_path / "nan-grad"
-    with pytest.raises(RuntimeError, match=r"gradient norm is nan at step 3.*step_000002"):
-        train.main(["--type", "seq", "--data", str(d / "seq.h5"), "--model", str(d / "model"), "--out", str(out),
-                    "--steps", "5", "--save-every", "2", *SMALL])
-    assert open(out / "latest").read().strip() == "step_000002"
-    weights = load_file(str(out / "step_000002" / "model.safetensors"))
-    assert all(t.isfinite().all() for t in weights.values())
-
+# Defects once found: each test failed before its fix (and the NaN tests above)
 
 def untied_model(files, tmp_path):
     d, tok = files
