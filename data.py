@@ -443,7 +443,9 @@ ZH_NAMES, ZH_ITEMS = ["小明", "小红", "李雷", "王芳"], ["苹果", "书",
 class ArithmeticTask:
     """Deterministic, verifiable word problems in English and Chinese.
 
-    Problems: a + b and a - b with a, b < 100 (a >= b), a * b with a < 20, b < 10.
+    Problems: a + b and a - b with a, b < 100 (a >= b), a * b with a < 20, b < 10; with
+    digits=1, every operand is below 10 (the default run's task: a 3M-parameter model learns
+    single-digit facts in minutes, carries far more slowly).
     The reply states a short working and ends with the number:
         "23 + 45 = 68. The answer is 68."    /    "23 + 45 = 68。答案是68。"
     Scoring extracts the last integer of a completion: exact match = 1.
@@ -453,8 +455,9 @@ class ArithmeticTask:
     below 100%, and wrong answers for DPO come from plausible slips.
     """
 
-    def __init__(self, seed: int = 0):
-        self.seed = seed
+    def __init__(self, seed: int = 0, digits: int = 2):
+        assert digits in (1, 2), digits
+        self.seed, self.digits = seed, digits
 
     @staticmethod
     def is_heldout(op: str, a: int, b: int) -> bool:
@@ -466,8 +469,8 @@ class ArithmeticTask:
 
     def _problem(self, rng: random.Random, heldout: bool):
         while True:
-            op = rng.choice("+-*")
-            a, b = (rng.randrange(20), rng.randrange(10)) if op == "*" else (rng.randrange(100), rng.randrange(100))
+            op, top = rng.choice("+-*"), 10 ** self.digits
+            a, b = (rng.randrange(min(top, 20)), rng.randrange(10)) if op == "*" else (rng.randrange(top), rng.randrange(top))
             if op == "-" and b > a:
                 a, b = b, a
             if self.is_heldout(op, a, b) == heldout:

@@ -204,12 +204,13 @@ def test_task_is_deterministic_verifiable_and_heldout_is_disjoint():
     assert ArithmeticTask.score("no number", "42") == 0.0
 
 
-def test_task_answers_are_right_by_arithmetic():
+@pytest.mark.parametrize("digits", [1, 2])
+def test_task_answers_are_right_by_arithmetic(digits):
     """Recomputed from the numbers in the question and the working in the reply, not from the answer field."""
     import operator
     import re
     ops = {"+": operator.add, "-": operator.sub, "×": operator.mul}
-    task = ArithmeticTask(0)
+    task = ArithmeticTask(0, digits)
 
     def check(question, reply):
         a, sym, b, answer = re.match(r"(\d+) ([-+×]) (\d+) = (\d+)", reply).groups()
@@ -219,6 +220,11 @@ def test_task_answers_are_right_by_arithmetic():
         assert check(r["messages"][0]["content"], r["messages"][1]["content"])
     for r in task.records("dpo", 300):
         assert check(r["messages"][0]["content"], r["chosen"]) and not check(r["messages"][0]["content"], r["rejected"])
+    operands = []
     for r in task.records("grpo", 300) + task.records("grpo", 100, split="eval"):
         a, b = map(int, re.findall(r"\d+", r["messages"][0]["content"]))
         assert int(r["answer"]) in {a + b, abs(a - b), a * b}
+        operands += [a, b]
+    assert max(operands) == (9 if digits == 1 else 99)
+    train_q = {r["messages"][0]["content"] for r in task.records("sft", 300)}
+    assert not train_q & {r["messages"][0]["content"] for r in task.records("grpo", 100, split="eval")}

@@ -332,7 +332,7 @@ def test_default_run_goes_through_every_stage(tmp_path, capsys):
         assert key == ("reward_mean" if kind == "grpo" else "loss") and (signal is None) == (kind != "grpo")
         assert score in [k / 16 for k in range(17)]  # a count out of the 16 held-out problems (or pairs)
     out = capsys.readouterr().out
-    assert out.count("pairwise accuracy") == 1 and "groups with signal" in out and "python server.py" in out
+    assert out.count("pairwise accuracy") == 1 and "groups w/ signal" in out and "python server.py" in out
     from server import default_model_dir
     assert default_model_dir(str(tmp_path)).startswith(str(tmp_path / "demo-6-grpo-rm"))
     demo.run(str(tmp_path), scale=0.01, eval_problems=16)  # a second demo replaces the first
