@@ -609,7 +609,7 @@ class InferenceEngine:
         ready = []
         for seq in seqs:
             while seq.blocks and not self.blocks.grow(seq, seq.cached + 1):
-                self._preempt(max((s for s in self._running if s.blocks), key=lambda s: self._running.index(s)))
+                self._preempt(next(s for s in reversed(self._running) if s.blocks))  # the newest admitted
             if seq.blocks:
                 ready.append(seq)
         return ready

@@ -489,7 +489,10 @@ class Tokenizer:
         """Messages -> prompt ids. Special-token text inside a message stays plain text."""
         if self._template is None:
             return self._chatml(messages, add_generation_prompt)[0]
-        text = self.render_chat(messages, add_generation_prompt)
+        return self._encode_rendered(self.render_chat(messages, add_generation_prompt), messages)
+
+    def _encode_rendered(self, text, messages):
+        """Ids of a rendered chat: specials recognised, except inside the messages' contents."""
         return self._encode(text, self._added_re, _content_spans(text, messages, self._special_re))
 
     def apply_chat_template(self, messages, add_generation_prompt=False):
@@ -514,7 +517,8 @@ class Tokenizer:
         """
         if self._template is None:
             return self._chatml(messages, add_generation_prompt)
-        text, ids = self.render_chat(messages, add_generation_prompt), self.encode_chat(messages, add_generation_prompt)
+        text = self.render_chat(messages, add_generation_prompt)
+        ids = self._encode_rendered(text, messages)
         mask = [0] * len(ids)
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -526,8 +530,8 @@ class Tokenizer:
                                  "of the conversation before it (it rewrites earlier turns or starts with an "
                                  "assistant turn), so no SFT loss mask can be derived from it; train with our "
                                  "ChatML (a tokenizer without chat_template) or adapt the template")
-            lo = _common_prefix(self.encode_chat(messages[:k], True), ids)
-            hi = _common_prefix(self.encode_chat(messages[:k + 1], False), ids)
+            lo = _common_prefix(self._encode_rendered(before, messages[:k]), ids)
+            hi = _common_prefix(self._encode_rendered(after, messages[:k + 1]), ids)
             mask[lo:hi] = [1] * (hi - lo)
         return ids, mask
 
