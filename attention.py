@@ -325,6 +325,15 @@ class BlockManager:
             del self.cached[block]
         self.refs[block] += 1
 
+    def forget(self):
+        """Drop every identity, so nothing cached is matched again: after the weights change, the
+        keys and values cached blocks hold are stale. Unheld cached blocks become free; held ones
+        are freed when released."""
+        self.free.extend(self.cached)
+        self.cached.clear()
+        self.by_identity.clear()
+        self.identity = [None] * len(self.identity)
+
     def take(self) -> int:
         """A block for new contents: a free one, else the least recently used cached one."""
         if self.free:

@@ -428,49 +428,46 @@ EN_TEMPLATES = {
           "What is {a} plus {b}?"],
     "-": ["{name} has {a} {item}s and gives away {b}. How many {item}s are left?",
           "What is {a} minus {b}?"],
-    "*": ["{name} buys {a} boxes with {b} {item}s in each. How many {item}s is that?",
-          "What is {a} times {b}?"],
 }
 ZH_TEMPLATES = {
     "+": ["{name}有{a}个{item}，又得到{b}个。{name}现在有多少个{item}？", "{a}加{b}等于多少？"],
     "-": ["{name}有{a}个{item}，送出了{b}个。还剩多少个{item}？", "{a}减{b}等于多少？"],
-    "*": ["{name}买了{a}盒{item}，每盒{b}个。一共有多少个{item}？", "{a}乘以{b}等于多少？"],
 }
 EN_NAMES, EN_ITEMS = ["Tom", "Anna", "Li Lei", "Sara"], ["apple", "book", "pen", "coin"]
 ZH_NAMES, ZH_ITEMS = ["小明", "小红", "李雷", "王芳"], ["苹果", "书", "笔", "硬币"]
+SLIPS = ("ones+1", "ones-1", "tens+1", "tens-1", "carry")  # a rejected reply's one mistake
 
 
 class ArithmeticTask:
-    """Deterministic, verifiable word problems in English and Chinese.
+    """Deterministic, verifiable word problems in English and Chinese: a + b and a - b with
+    a, b < 100 (a >= b).
 
-    Problems: a + b and a - b with a, b < 100 (a >= b), a * b with a < 20, b < 10; with
-    digits=1, every operand is below 10 (the default run's task: a 3M-parameter model learns
-    single-digit facts in minutes, carries far more slowly).
-    The reply states a short working and ends with the number:
-        "23 + 45 = 68. The answer is 68."    /    "23 + 45 = 68。答案是68。"
-    Scoring extracts the last integer of a completion: exact match = 1.
-    Held-out problems: every (op, a, b) whose hash puts it in 1 of 8 buckets is
-    used only for evaluation, so eval measures generalisation, not recall.
-    Multi-digit carries make it hard enough that a tiny model's SFT stays
-    below 100%, and wrong answers for DPO come from plausible slips.
+    The reply works in columns, ones first, and ends with the number:
+        "48 + 27: 8 + 7 = 15, 4 + 2 + 1 = 7. The answer is 75."
+        "52 - 17: 12 - 7 = 5, 5 - 1 - 1 = 3。答案是35。"
+    so every token of the answer is a one-digit fact or a copy: a 3M-parameter model learns the
+    column method in minutes, while the bare "48 + 27 = 75" (the carry decided before the ones
+    are written) stays near 0% held-out after the same training.
+    Held-out problems: every (op, a, b) whose hash puts it in 1 of 8 buckets is used only for
+    evaluation, so eval measures the learned method, not recall. A rejected reply (DPO and
+    reward-model pairs) makes one slip in its working (a column off by one, or a dropped carry or
+    borrow) and carries it into the answer. Scoring extracts the last integer: exact match = 1.
     """
 
-    def __init__(self, seed: int = 0, digits: int = 2):
-        assert digits in (1, 2), digits
-        self.seed, self.digits = seed, digits
+    def __init__(self, seed: int = 0):
+        self.seed = seed
 
     @staticmethod
     def is_heldout(op: str, a: int, b: int) -> bool:
-        return (a * 131 + b * 17 + "+-*".index(op) * 7) % 8 == 0
+        return (a * 131 + b * 17 + "+-".index(op) * 7) % 8 == 0
 
     @staticmethod
     def solve(op: str, a: int, b: int) -> int:
-        return a + b if op == "+" else a - b if op == "-" else a * b
+        return a + b if op == "+" else a - b
 
     def _problem(self, rng: random.Random, heldout: bool):
         while True:
-            op, top = rng.choice("+-*"), 10 ** self.digits
-            a, b = (rng.randrange(min(top, 20)), rng.randrange(10)) if op == "*" else (rng.randrange(top), rng.randrange(top))
+            op, a, b = rng.choice("+-"), rng.randrange(100), rng.randrange(100)
             if op == "-" and b > a:
                 a, b = b, a
             if self.is_heldout(op, a, b) == heldout:
@@ -481,16 +478,42 @@ class ArithmeticTask:
         return question, op, a, b, zh
 
     @staticmethod
-    def reply(op: str, a: int, b: int, zh: bool, answer=None) -> str:
-        answer = ArithmeticTask.solve(op, a, b) if answer is None else answer
-        sym = "×" if op == "*" else op
-        return f"{a} {sym} {b} = {answer}。答案是{answer}。" if zh else f"{a} {sym} {b} = {answer}. The answer is {answer}."
+    def working(op: str, a: int, b: int, slip: str = "") -> tuple:
+        """(text, answer) of the column method, with one SLIPS mistake carried into the answer:
+        ones column, then tens column with the carry (+ 1) or borrow (- 1)."""
+        (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
+        sign = 1 if op == "+" else -1
+        carry = int(a0 + b0 > 9) if op == "+" else int(a0 < b0)
+        carry *= slip != "carry"
+        top = a0 + 10 * carry if op == "-" else a0
+        ones = top + sign * b0 + (slip == "ones+1") - (slip == "ones-1")
+        tens = a1 + sign * (b1 + carry) + (slip == "tens+1") - (slip == "tens-1")
+        with_carry = f" {op} 1" if carry else ""
+        return f"{a} {op} {b}: {top} {op} {b0} = {ones}, {a1} {op} {b1}{with_carry} = {tens}", tens * 10 + ones % 10
 
     @staticmethod
-    def wrong_answer(rng: random.Random, op: str, a: int, b: int) -> int:
+    def reply(op: str, a: int, b: int, zh: bool, slip: str = "") -> str:
+        text, answer = ArithmeticTask.working(op, a, b, slip)
+        return f"{text}。答案是{answer}。" if zh else f"{text}. The answer is {answer}."
+
+    @staticmethod
+    def mistake(rng: random.Random, op: str, a: int, b: int) -> tuple:
+        """(a', b', slip) for a rejected reply: half the time one digit of an operand misread (the
+        tiny model's own commonest error), else one of SLIPS in the columns; the answer changes
+        and nothing goes negative."""
         right = ArithmeticTask.solve(op, a, b)
-        slip = rng.choice([1, -1, 10, -10, 2, -2])  # off-by-one digit or a lost carry
-        return right + slip if right + slip >= 0 else right + abs(slip)
+        while True:
+            operands, slip = [a, b], ""
+            if rng.random() < 0.5:
+                k = rng.randrange(2)
+                digits = list(str(operands[k]))
+                digits[rng.randrange(len(digits))] = str(rng.randrange(10))
+                operands[k] = int("".join(digits))
+            else:
+                slip = rng.choice(SLIPS)
+            text, answer = ArithmeticTask.working(op, *operands, slip)
+            if answer != right and "= -" not in text and not (op == "-" and operands[1] > operands[0]):
+                return (*operands, slip)
 
     def records(self, kind: str, n: int, split: str = "train") -> list:
         """n JSONL-style records for one stage: seq {"text"}, sft {"messages"},
@@ -506,7 +529,8 @@ class ArithmeticTask:
             elif kind == "sft":
                 out.append({"messages": prompt + [{"role": "assistant", "content": good}]})
             elif kind == "dpo":
-                bad = self.reply(op, a, b, zh, self.wrong_answer(rng, op, a, b))
+                a2, b2, slip = self.mistake(rng, op, a, b)
+                bad = self.reply(op, a2, b2, zh, slip)
                 out.append({"messages": prompt, "chosen": good, "rejected": bad})
             elif kind == "grpo":
                 out.append({"messages": prompt, "answer": str(self.solve(op, a, b))})

@@ -399,6 +399,13 @@ class InferenceEngine:
             self._cv.notify()
         return request
 
+    def reset_prefix_cache(self):
+        """Forget every cached prefix. Call it after changing the model's weights (GRPO does after
+        each optimizer step): later requests would otherwise reuse keys and values the old weights
+        computed, and sample from neither the old policy nor the new one."""
+        with self._cv:
+            self.blocks.forget()
+
     def chat_prompt(self, messages) -> list:
         """Prompt ids for [{"role", "content"}, ...] through the model's chat template
         (or our ChatML), ending where the assistant's reply begins."""

@@ -624,6 +624,8 @@ def optimise(run, net, opt, batches: list, step: int) -> dict:
                            "--lr or check the data, then --resume")
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if run.engine:  # GRPO samples from the weights just changed: nothing cached from before is valid
+        run.engine.reset_prefix_cache()
     keys = sorted(k for k in sums if k != "tokens")
     return {"loss": loss, "grad_norm": grad_norm, **dict(zip(keys, all_reduce([sums[k] for k in keys], run, True)))}
 

@@ -98,7 +98,7 @@ def test_dpo_records_and_collate(tok, tmp_path):
         prompt, _ = tok.apply_chat_template(rec["messages"], add_generation_prompt=True)
         assert ids[row, :len(prompt)].tolist() == prompt and not mask[row, :len(prompt)].any()
     # padding is masked out and uses the pad id
-    lengths = [len(ds[i // 2 if i < 3 else i - 3][("chosen", "rejected")[i >= 3]]) for i in range(6)]
+    lengths = [len(ds[i % 3][("chosen", "rejected")[i >= 3]]) for i in range(6)]  # rows: 3 chosen, 3 rejected
     for row, n in enumerate(lengths):
         assert not mask[row, n:].any() and (ids[row, n:] == tok.pad_id).all()
     short = RecordDataset(str(tmp_path / "dpo.h5"), "dpo", max_len=10)[0]
@@ -204,27 +204,34 @@ def test_task_is_deterministic_verifiable_and_heldout_is_disjoint():
     assert ArithmeticTask.score("no number", "42") == 0.0
 
 
-@pytest.mark.parametrize("digits", [1, 2])
-def test_task_answers_are_right_by_arithmetic(digits):
-    """Recomputed from the numbers in the question and the working in the reply, not from the answer field."""
-    import operator
+def test_task_answers_are_right_by_arithmetic():
+    """Recomputed from the numbers in the question, column by column from the working in the reply,
+    not from the answer field; a rejected reply's working or reading is wrong, and its answer too."""
     import re
-    ops = {"+": operator.add, "-": operator.sub, "×": operator.mul}
-    task = ArithmeticTask(0, digits)
+    task = ArithmeticTask(0)
 
     def check(question, reply):
-        a, sym, b, answer = re.match(r"(\d+) ([-+×]) (\d+) = (\d+)", reply).groups()
-        assert sorted(re.findall(r"\d+", question)) == sorted([a, b]), (question, reply)
-        return int(answer) == ops[sym](int(a), int(b))
+        """Is the reply right? Its reading of the question, each column and the answer, recomputed."""
+        m = re.fullmatch(r"(\d+) ([-+]) (\d+): (\d+) [-+] (\d) = (\d+), (\d) [-+] (\d)( [-+] 1)? = (\d+)"
+                         r"(?:\. The answer is |。答案是)(\d+)[.。]", reply)
+        a, op, b, top, b0, ones, a1, b1, carry_mark, tens, answer = m.groups()
+        a, b, top, b0, ones, a1, b1, tens, answer = map(int, (a, b, top, b0, ones, a1, b1, tens, answer))
+        sign = 1 if op == "+" else -1
+        carry = a % 10 + b % 10 > 9 if op == "+" else a % 10 < b % 10
+        return (list(map(int, re.findall(r"\d+", question))) == [a, b]  # read right, in order
+                and top == a % 10 + 10 * carry * (op == "-") and b0 == b % 10 and ones == top + sign * b0
+                and (a1, b1) == divmod(a, 10)[:1] + divmod(b, 10)[:1] and (carry_mark is not None) == carry
+                and tens == a1 + sign * (b1 + carry) and answer == tens * 10 + ones % 10 == a + sign * b)
     for r in task.records("sft", 300):
-        assert check(r["messages"][0]["content"], r["messages"][1]["content"])
+        assert check(r["messages"][0]["content"], r["messages"][1]["content"]), r
     for r in task.records("dpo", 300):
         assert check(r["messages"][0]["content"], r["chosen"]) and not check(r["messages"][0]["content"], r["rejected"])
+        assert re.findall(r"\d+", r["chosen"])[-1] != re.findall(r"\d+", r["rejected"])[-1]  # the slip shows
     operands = []
     for r in task.records("grpo", 300) + task.records("grpo", 100, split="eval"):
         a, b = map(int, re.findall(r"\d+", r["messages"][0]["content"]))
-        assert int(r["answer"]) in {a + b, abs(a - b), a * b}
+        assert int(r["answer"]) in {a + b, abs(a - b)}
         operands += [a, b]
-    assert max(operands) == (9 if digits == 1 else 99)
+    assert max(operands) == 99
     train_q = {r["messages"][0]["content"] for r in task.records("sft", 300)}
     assert not train_q & {r["messages"][0]["content"] for r in task.records("grpo", 100, split="eval")}

@@ -485,3 +485,24 @@ def test_a_fully_cached_prompt_recomputes_only_its_last_token(make_engine, model
         before = engine.stats()["prefill_tokens"]
         runs.append((engine.submit(prompt, greedy(6)).result().token_ids, engine.stats()["prefill_tokens"] - before))
     assert runs == [(want, 16), (want, 1), (want, 1)]
+
+
+def test_changed_weights_need_a_prefix_cache_reset(make_engine, model, tok):
+    """GRPO samples from weights it has just changed: cached prefixes computed by the old weights
+    give neither policy's output until reset_prefix_cache(); after it, the output is the new
+    model's and the prompt is computed in full."""
+    import copy
+    live = copy.deepcopy(model)
+    engine = make_engine(model=live, block_size=4)
+    prompt = tok.encode(" ".join(WORDS * 3))[:17]  # 4 full blocks and one token
+    assert engine.submit(prompt, greedy(6)).result().token_ids == generate_reference(live, prompt, 6)
+    with torch.no_grad():
+        for p in live.parameters():
+            p.add_(torch.randn_like(p) * 0.1 * p.std().nan_to_num(0))
+    want = generate_reference(live, prompt, 6)
+    stale = engine.submit(prompt, greedy(6)).result().token_ids  # 16 prompt tokens' K/V from the old weights
+    assert stale != want
+    engine.reset_prefix_cache()
+    before = engine.stats()["prefill_tokens"]
+    assert engine.submit(prompt, greedy(6)).result().token_ids == want
+    assert engine.stats()["prefill_tokens"] - before == len(prompt)

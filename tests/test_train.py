@@ -325,12 +325,16 @@ def math_cos(fraction):
 def test_default_run_goes_through_every_stage(tmp_path, capsys):
     """`python train.py` with no arguments, shrunk to a few steps per stage."""
     import demo
-    rows = demo.run(str(tmp_path), scale=0.02, eval_problems=16)
+    rows = demo.run(str(tmp_path), scale=0.05, eval_problems=16)
     assert [r[0] for r in rows] == [s[0] for s in demo.STAGES + [demo.RM_GRPO]]
     for name, kind, steps, minutes, key, (start, end), signal, score in rows:
         assert (tmp_path / name / "latest").exists() and steps >= 1
         assert key == ("reward_mean" if kind == "grpo" else "loss") and (signal is None) == (kind != "grpo")
         assert score in [k / 16 for k in range(17)]  # a count out of the 16 held-out problems (or pairs)
+    # 50 pretraining steps learn the text's form (loss 6.1 -> 1.9 at seed 0); SFT starts from there
+    # (2.1: its own mask and chat wrapper) and goes on learning (1.4 after 15 steps)
+    (_, _, _, _, _, (pre_first, pre_last), _, _), (_, _, _, _, _, (sft_first, sft_last), _, _) = rows[:2]
+    assert pre_last < pre_first / 2 and sft_first < pre_first / 2 and sft_last < 0.8 * sft_first
     out = capsys.readouterr().out
     assert out.count("pairwise accuracy") == 1 and "groups w/ signal" in out and "python server.py" in out
     from server import default_model_dir
@@ -475,15 +479,16 @@ def test_early_stopping_state_is_saved(files, tmp_path):
     out = tmp_path / "patience"
     r = run_cli("--type", "sft", "--data", d / "sft.h5", "--eval-data", d / "sft.h5", "--model", d / "model",
                 "--out", out, "--steps", 6, "--eval-every", 1, "--eval-batches", 1, "--patience", 100,
-                "--save-every", 1, "--keep-last", 10, *SMALL, "--lr", "3e-2")  # a large lr: some evals get worse
+                "--save-every", 1, "--keep-last", 10, *SMALL, "--lr", "1e-1")  # a large lr: some evals get worse
     assert r.returncode == 0, r.stderr[-2000:]
     losses = [m["eval_loss"] for m in metrics(out)]
-    best, bad = None, 0
+    best, bad, most = None, 0, 0
     for step, loss in enumerate(losses, 1):
         best, bad = (loss, 0) if best is None or loss < best else (best, bad + 1)
+        most = max(most, bad)
         progress = train.checkpoint.load(out / f"step_{step:06d}", restore_rng=False)["progress"]
         assert (progress["best"], progress["bad_evals"]) == (pytest.approx(best), bad)
-    assert bad > 0  # the counter was exercised
+    assert most > 0  # the counter was exercised
 
 
 def test_mfu_uses_the_running_devices_peak(monkeypatch):
@@ -500,8 +505,8 @@ def test_mfu_uses_the_running_devices_peak(monkeypatch):
 # Golden losses, and flags that shape a run
 
 # tiny fixture model, batch 4 x 48, lr 1e-3 with 3 warmup steps, seed 0, fp32 CPU, torch 2.13
-GOLDEN_SEQ_LOSSES = [5.758396625518799, 5.781301021575928, 5.629327297210693, 5.506131649017334, 5.589879512786865,
-                     5.551608562469482, 5.420385360717773, 5.380083084106445, 5.3530120849609375, 5.345483779907227]
+GOLDEN_SEQ_LOSSES = [5.822238922119141, 5.721561431884766, 5.6480584144592285, 5.516313076019287, 5.355081558227539,
+                     5.3423333168029785, 5.238828182220459, 5.20776891708374, 5.351527690887451, 5.110551357269287]
 
 
 def test_golden_first_10_losses_of_a_fixed_seed_run(files, tmp_path):
