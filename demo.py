@@ -80,10 +80,12 @@ def held_out_score(train_main, kind, model_dir, data_dir, problems):
 
 
 def start_end(run_dir, key):
-    """(first, last) of a metric over a stage's steps."""
+    """A metric's mean over a stage's first and last quarter of steps (at least one step each):
+    one step's value, a GRPO reward over 16 prompts especially, is too noisy to compare."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         values = [json.loads(line)[key] for line in f]
-    return values[0], values[-1]
+    q = max(1, len(values) // 4)
+    return sum(values[:q]) / q, sum(values[-q:]) / q
 
 
 def run(root="runs", seed=0, scale=1.0, eval_problems=256):
@@ -118,9 +120,10 @@ def run(root="runs", seed=0, scale=1.0, eval_problems=256):
 
 
 def print_table(rows, seconds):
-    """One line per stage: its training metric at the first and last step, for GRPO the share of
-    groups whose rewards differ (the only ones with a gradient), and the held-out score."""
-    print(f"\n{'stage':<16}{'steps':>6}{'min':>6}  {'train metric, first -> last':<34}{'groups w/ signal':<18}held-out")
+    """One line per stage: its training metric over the first and last quarter of its steps, for
+    GRPO the share of groups whose rewards differ (the only ones with a gradient), and the held-out
+    score."""
+    print(f"\n{'stage':<16}{'steps':>6}{'min':>6}  {'train metric, start -> end':<34}{'groups w/ signal':<18}held-out")
     for name, kind, steps, minutes, key, (a, b), signal, score in rows:
         what = "pairwise accuracy" if kind == "rm" else "exact match"
         groups = f"{signal[0]:.0%} -> {signal[1]:.0%}" if signal else ""
