@@ -328,7 +328,7 @@ class BlockManager:
     def forget(self):
         """Drop every identity, so nothing cached is matched again: after the weights change, the
         keys and values cached blocks hold are stale. Unheld cached blocks become free; held ones
-        are freed when released."""
+        are freed when released. Between requests only: a running sequence's blocks are stale too."""
         self.free.extend(self.cached)
         self.cached.clear()
         self.by_identity.clear()

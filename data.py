@@ -446,12 +446,12 @@ class ArithmeticTask:
         "48 + 27: 8 + 7 = 15, 4 + 2 + 1 = 7. The answer is 75."
         "52 - 17: 12 - 7 = 5, 5 - 1 - 1 = 3。答案是35。"
     so every token of the answer is a one-digit fact or a copy: a 3M-parameter model learns the
-    column method in minutes, while the bare "48 + 27 = 75" (the carry decided before the ones
-    are written) stays near 0% held-out after the same training.
+    column method in minutes, while with the bare "48 + 27 = 75" (the carry decided before the
+    ones are written) it got 1.6% of held-out problems right after the same training (README).
     Held-out problems: every (op, a, b) whose hash puts it in 1 of 8 buckets is used only for
     evaluation, so eval measures the learned method, not recall. A rejected reply (DPO and
-    reward-model pairs) makes one slip in its working (a column off by one, or a dropped carry or
-    borrow) and carries it into the answer. Scoring extracts the last integer: exact match = 1.
+    reward-model pairs) makes one mistake (`mistake`) and carries it into the answer.
+    Scoring extracts the last integer: exact match = 1.
     """
 
     def __init__(self, seed: int = 0):
@@ -483,9 +483,8 @@ class ArithmeticTask:
         ones column, then tens column with the carry (+ 1) or borrow (- 1)."""
         (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
         sign = 1 if op == "+" else -1
-        carry = int(a0 + b0 > 9) if op == "+" else int(a0 < b0)
-        carry *= slip != "carry"
-        top = a0 + 10 * carry if op == "-" else a0
+        carry = 0 if slip == "carry" else int(a0 + b0 > 9 if op == "+" else a0 < b0)
+        top = a0 + 10 * carry if op == "-" else a0  # a borrow lends the ones column 10
         ones = top + sign * b0 + (slip == "ones+1") - (slip == "ones-1")
         tens = a1 + sign * (b1 + carry) + (slip == "tens+1") - (slip == "tens-1")
         with_carry = f" {op} 1" if carry else ""

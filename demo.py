@@ -35,7 +35,7 @@ STAGES = [
                                                       "--min-lr", "1e-5", "--warmup", "3", "--temperature", "1.0",
                                                       "--max-new-tokens", "40"]),
 ]
-RM_GRPO = ("demo-6-grpo-rm", "grpo", "grpo", "demo-4-dpo", STAGES[4][4], STAGES[4][5])  # the same, rewarded by demo-3-rm
+RM_GRPO = ("demo-6-grpo-rm", "grpo", "grpo", "demo-4-dpo", *STAGES[4][4:])  # the same, rewarded by demo-3-rm
 
 
 def prepare(root, seed, eval_problems):

@@ -400,9 +400,9 @@ class InferenceEngine:
         return request
 
     def reset_prefix_cache(self):
-        """Forget every cached prefix. Call it after changing the model's weights (GRPO does after
-        each optimizer step): later requests would otherwise reuse keys and values the old weights
-        computed, and sample from neither the old policy nor the new one."""
+        """Forget every cached prefix. Call it after changing the model's weights, with no request
+        running (GRPO does after each optimizer step): later requests would otherwise reuse keys and
+        values the old weights computed, and sample from neither the old policy nor the new one."""
         with self._cv:
             self.blocks.forget()
 
