@@ -220,7 +220,7 @@ def test_task_answers_are_right_by_arithmetic():
         carry = a % 10 + b % 10 > 9 if op == "+" else a % 10 < b % 10
         return (list(map(int, re.findall(r"\d+", question))) == [a, b]  # read right, in order
                 and top == a % 10 + 10 * carry * (op == "-") and b0 == b % 10 and ones == top + sign * b0
-                and (a1, b1) == divmod(a, 10)[:1] + divmod(b, 10)[:1] and (carry_mark is not None) == carry
+                and (a1, b1) == (a // 10, b // 10) and (carry_mark is not None) == carry
                 and tens == a1 + sign * (b1 + carry) and answer == tens * 10 + ones % 10 == a + sign * b)
     for r in task.records("sft", 300):
         assert check(r["messages"][0]["content"], r["messages"][1]["content"]), r
