@@ -27,8 +27,8 @@ import tokenizer as tokenizer_lib
 STAGES = [
     ("demo-1-pretrain", "seq", "seq", None, 1000, ["--batch-size", "16", "--lr", "2e-3", "--warmup", "20"]),
     ("demo-2-sft", "sft", "sft", "demo-1-pretrain", 300, ["--batch-size", "32", "--lr", "2e-3", "--warmup", "10"]),
-    ("demo-3-rm", "rm", "dpo", "demo-2-sft", 150, ["--batch-size", "8", "--lr", "1e-4", "--min-lr", "1e-5",
-                                                   "--warmup", "10"]),
+    ("demo-3-rm", "rm", "dpo", "demo-2-sft", 150, ["--batch-size", "8", "--lr", "2e-5", "--min-lr", "1e-6",
+                                                   "--warmup", "10", "--rm-reward", "likelihood"]),
     ("demo-4-dpo", "dpo", "dpo", "demo-2-sft", 80, ["--batch-size", "8", "--lr", "1e-5", "--min-lr", "1e-6",
                                                     "--warmup", "5", "--beta", "0.1"]),
     ("demo-5-grpo", "grpo", "grpo", "demo-4-dpo", 20, ["--batch-size", "128", "--group-size", "8", "--lr", "1e-4",
@@ -44,7 +44,7 @@ def prepare(root, seed, eval_problems):
     task, data_dir = data.ArithmeticTask(seed), os.path.join(root, "demo-data")
     os.makedirs(data_dir, exist_ok=True)
     records = {kind: task.records(kind, 20000) for kind in ("seq", "sft", "dpo", "grpo")}
-    tok = tokenizer_lib.train([r["text"] for r in records["seq"][:5000]], vocab_size=512)
+    tok = tokenizer_lib.train(tokenizer_corpus(records), vocab_size=512)
     tok.save(os.path.join(data_dir, "tokenizer"))
     for kind, recs in records.items():
         data.prepare(kind, list(enumerate(recs, 1)), tok, os.path.join(data_dir, f"{kind}.h5"), log=None)
@@ -53,6 +53,16 @@ def prepare(root, seed, eval_problems):
     data.prepare("dpo", list(enumerate(task.records("dpo", eval_problems, "eval"), 1)), tok,
                  os.path.join(data_dir, "eval-pairs.h5"), log=None)
     return data_dir, tok, [(r["messages"][0]["content"], r["answer"]) for r in heldout]
+
+
+def tokenizer_corpus(records):
+    """The text the model will read: plain documents, and chat turns as the template lays them out
+    between its special tokens (role name, newline, content), so "assistant" is one token as in any
+    chat model's vocabulary. Trained on documents alone it was 8 (a-s-s-i-s-t-an-t), and SFT on
+    seed 1 reached 64% held-out instead of 90%: the reply sat 11 tokens further from the question
+    than in pretraining, and the model had to learn again where to copy the operands from."""
+    chats = ["\n".join(f"{m['role']}\n{m['content']}" for m in r["messages"]) for r in records["sft"][:1000]]
+    return [r["text"] for r in records["seq"][:5000]] + chats
 
 
 def plain_accuracy(model_dir, problems):

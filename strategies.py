@@ -21,6 +21,7 @@ accumulation, DDP): the "global token mean" of DAPO (Yu et al. 2025, §3.3).
 Left out: PPO with a value model, KTO/ORPO/SimPO, sequence packing.
 """
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -216,27 +217,46 @@ class GRPO:
 # Reward model
 
 class RewardModel(nn.Module):
-    """A transformer with a scalar head read at the last response token.
+    """A transformer that scores a response, r(x, y), in one of two forms:
 
-    r(x, y) = w . h_last + b, where h_last is the final hidden state at the
-    last masked token. Saved as the backbone's model directory plus
-    reward_head.safetensors, so a GRPO run can load it as a reward.
+        head        r = w . h_last + b, a scalar head on the final hidden state at the
+                    last response token (InstructGPT's reward model)
+        likelihood  r = (1/|y|) sum_t log p(y_t | x, y_<t), the model's own mean token
+                    log-likelihood of the response: the LM head is the reward head
+
+    Both train with the same Bradley-Terry loss (RM). The head is the usual choice for
+    judgements that no single token carries (helpfulness, tone). The likelihood checks
+    every token where it is written: on the built-in task a head must redo the whole
+    two-digit sum at the last position, which the tiny model cannot (held-out pairwise
+    accuracy 54% after 150 steps; the SFT model's likelihood ranks 99% before any
+    training). Saved as the backbone's model directory plus reward_model.json
+    ({"reward": form}) and, for a head, reward_head.safetensors; GRPO loads either as
+    --reward-model.
     """
 
-    def __init__(self, backbone: nn.Module):
+    FORMS = ("head", "likelihood")
+
+    def __init__(self, backbone: nn.Module, form: str = "head"):
         super().__init__()
-        self.backbone = backbone
-        if not backbone.config.tie_word_embeddings:
-            # forward never uses the LM head: frozen, it stays out of the optimizer and out of DDP's
-            # gradient reduction (which would otherwise wait for its gradient forever); it is kept,
-            # unchanged, so the saved directory is still a complete model
-            backbone.lm_head.requires_grad_(False)
-        self.score = nn.Linear(backbone.config.hidden_size, 1)
-        nn.init.zeros_(self.score.weight)
-        nn.init.zeros_(self.score.bias)
+        if form not in self.FORMS:
+            raise ValueError(f"reward model form must be one of {self.FORMS}, got {form!r}")
+        self.backbone, self.form = backbone, form
+        if form == "head":
+            if not backbone.config.tie_word_embeddings:
+                # forward never uses the LM head: frozen, it stays out of the optimizer and out of DDP's
+                # gradient reduction (which would otherwise wait for its gradient forever); it is kept,
+                # unchanged, so the saved directory is still a complete model
+                backbone.lm_head.requires_grad_(False)
+            self.score = nn.Linear(backbone.config.hidden_size, 1)
+            nn.init.zeros_(self.score.weight)
+            nn.init.zeros_(self.score.bias)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """ids, mask (B, T) -> rewards (B,)."""
+        """ids, mask (B, T) -> rewards (B,); mask marks the response tokens (position 0 never is)."""
+        if self.form == "likelihood":
+            m = mask[:, 1:].float()  # (B, T-1) targets
+            assert (m.sum(-1) > 0).all(), "every row needs at least one response token"
+            return (token_logprobs(self.backbone(ids), ids) * m).sum(-1) / m.sum(-1)
         h = self.backbone.hidden_states(ids)  # (B, T, C)
         positions = torch.arange(ids.shape[1], device=ids.device)
         last = torch.where(mask.bool(), positions, -1).max(dim=1).values  # (B,) last masked position
@@ -244,25 +264,39 @@ class RewardModel(nn.Module):
         return self.score(h[torch.arange(len(ids)), last].float()).squeeze(-1)
 
     def save_pretrained(self, path: str, state_dict=None):
-        """The backbone's model directory plus reward_head.safetensors; state_dict as in
-        Transformer.save_pretrained ("backbone." and "score." keys)."""
+        """The backbone's model directory, reward_model.json, and a head's reward_head.safetensors;
+        state_dict as in Transformer.save_pretrained ("backbone." and "score." keys)."""
         from safetensors.torch import save_file
         state = state_dict or self.state_dict()
         part = lambda prefix: {k.removeprefix(prefix): v.detach().contiguous()  # noqa: E731
                                for k, v in state.items() if k.startswith(prefix)}
         self.backbone.save_pretrained(path, state_dict=part("backbone."))
-        save_file(part("score."), os.path.join(path, "reward_head.safetensors"))
+        if self.form == "head":
+            save_file(part("score."), os.path.join(path, "reward_head.safetensors"))
+        with open(os.path.join(path, "reward_model.json"), "w") as f:
+            json.dump({"reward": self.form}, f)
+
+    @staticmethod
+    def saved_form(path: str):
+        """The form saved in `path`, or None when it is not a reward model (a directory with only
+        reward_head.safetensors is a head: written before reward_model.json existed)."""
+        meta = os.path.join(path, "reward_model.json")
+        if os.path.isfile(meta):
+            with open(meta) as f:
+                return json.load(f)["reward"]
+        return "head" if os.path.isfile(os.path.join(path, "reward_head.safetensors")) else None
 
     @classmethod
     def from_pretrained(cls, path: str, device=None):
         from safetensors.torch import load_file
         from model import Transformer
-        head = os.path.join(path, "reward_head.safetensors")
-        if not os.path.isfile(head):
-            raise FileNotFoundError(f"{head} not found: {path} is not a reward model "
+        form = cls.saved_form(path)
+        if form is None:
+            raise FileNotFoundError(f"{path} has no reward_model.json: it is not a reward model "
                                     "(train one with `python train.py --type rm`)")
-        rm = cls(Transformer.from_pretrained(path, device=device, dtype=torch.float32))
-        rm.score.load_state_dict(load_file(head))
+        rm = cls(Transformer.from_pretrained(path, device=device, dtype=torch.float32), form)
+        if form == "head":
+            rm.score.load_state_dict(load_file(os.path.join(path, "reward_head.safetensors")))
         return rm.to(device)
 
 

@@ -110,6 +110,9 @@ def add_strategy_and_distributed_args(p):
     g = p.add_argument_group("strategy hyperparameters")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="seq/sft")
     g.add_argument("--beta", type=float, default=0.1, help="dpo: KL strength")
+    g.add_argument("--rm-reward", choices=strategies.RewardModel.FORMS, default="head",
+                   help="rm: r(x, y) from a scalar head on the last response token, or the response's mean "
+                   "token log-likelihood (see strategies.RewardModel)")
     g.add_argument("--ref", help="dpo/grpo: reference model directory (default: a frozen copy of the start)")
     g.add_argument("--group-size", type=int, default=4, help="grpo: completions per prompt (G)")
     g.add_argument("--kl-coef", type=float, default=0.04, help="grpo: k3 KL coefficient")
@@ -339,8 +342,9 @@ def sample(engine, prompts: list, args, temperature: float, seeds=None) -> list:
 
 def rollout_batch(run, batch, step: int, micro: int) -> dict:
     """B/G prompts -> B completions sampled by the live policy, their rewards, and the sampling policy's
-    per-token log-probs. Those are recomputed by the training forward (under the same autocast, at the
-    sampling temperature), so the first of the mu passes has ratio exactly 1. With --mask-truncated a
+    per-token log-probs when --mu > 1. Those are recomputed by the training forward (under the same autocast,
+    at the sampling temperature), so the first of the mu passes has ratio exactly 1; with one pass the loss
+    uses its own forward's, detached, and the extra forward is skipped. With --mask-truncated a
     completion that hit --max-new-tokens is rewarded but not trained on (DAPO's overlong filtering)."""
     args = run.args
     seeds = [rollout_seed(args, step, run.rank, micro, i) for i in range(len(batch["prompts"]))]
@@ -355,9 +359,11 @@ def rollout_batch(run, batch, step: int, micro: int) -> dict:
         ids[i, :len(p) + len(c.token_ids)] = torch.tensor(p + c.token_ids)
         mask[i, len(p):len(p) + len(c.token_ids)] = not (args.mask_truncated and c.finish_reason == "length")
     ids, mask = ids.to(run.device), mask.to(run.device)
-    with torch.no_grad(), run.autocast:
-        old = run.strategy.logprobs(run.model, ids)
-    return {"input_ids": ids, "completion_mask": mask, "rewards": rewards.to(run.device), "old_logprobs": old}
+    batch = {"input_ids": ids, "completion_mask": mask, "rewards": rewards.to(run.device)}
+    if args.mu > 1:  # with one pass the loss takes the sampler's log-probs from its own forward: one forward saved
+        with torch.no_grad(), run.autocast:
+            batch["old_logprobs"] = run.strategy.logprobs(run.model, ids)
+    return batch
 
 
 def make_engine(model, tok, args):
@@ -393,7 +399,7 @@ def log0(rank, *a):
 def build_model(args, tok, device, source=None):
     """The model to train: from `source` (a checkpoint being resumed), --model, or --preset."""
     source = source or args.model
-    if args.type == "rm" and source and os.path.isfile(os.path.join(source, "reward_head.safetensors")):
+    if args.type == "rm" and source and strategies.RewardModel.saved_form(source):
         return strategies.RewardModel.from_pretrained(source, device=device)
     if source:
         model = Transformer.from_pretrained(source, dtype=torch.float32)
@@ -405,7 +411,7 @@ def build_model(args, tok, device, source=None):
         raise SystemExit(f"error: the model's vocab_size {model.config.vocab_size} is smaller than the "
                          f"tokenizer's {tok.vocab_size}: they do not belong together")
     if args.type == "rm":
-        model = strategies.RewardModel(model)
+        model = strategies.RewardModel(model, args.rm_reward)
     return model.to(device)
 
 

@@ -189,11 +189,37 @@ def test_reward_model_bradley_terry_and_round_trip(tmp_path):
     assert loss.item() == pytest.approx(np.mean(np.log1p(np.exp(-(r[:B] - r[B:])))), rel=1e-5)
     rm.save_pretrained(str(tmp_path))
     back = RewardModel.from_pretrained(str(tmp_path))
+    assert back.form == "head"
     with torch.no_grad():
         torch.testing.assert_close(back(ids, mask), rm(ids, mask))
+    (tmp_path / "reward_model.json").unlink()  # written before reward_model.json existed: still a head
+    assert RewardModel.from_pretrained(str(tmp_path)).form == "head"
     rm.backbone.save_pretrained(str(tmp_path / "plain"))
     with pytest.raises(FileNotFoundError, match="not a reward model"):
         RewardModel.from_pretrained(str(tmp_path / "plain"))
+
+
+def test_likelihood_reward_model_bradley_terry_and_round_trip(tmp_path):
+    """r(x, y) = the response's mean token log-likelihood, checked in NumPy from the model's logits."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(PRESETS["tiny"], num_hidden_layers=1, vocab_size=V, tie_word_embeddings=False)
+    rm = RewardModel(Transformer(cfg), "likelihood")
+    ids, mask = ids_and_mask(2 * B)
+    loss, m = RM().loss(rm, {"input_ids": ids, "response_mask": mask})
+    lp = np_target_logp(rm.backbone(ids).detach().double().numpy(), ids.numpy())
+    w = mask[:, 1:].double().numpy()
+    r = (lp * w).sum(-1) / w.sum(-1)
+    assert loss.item() == pytest.approx(np.mean(np.log1p(np.exp(-(r[:B] - r[B:])))), rel=1e-5)
+    loss.backward()  # the LM head is the reward head here: every parameter, lm_head included, trains
+    assert [n for n, p in rm.named_parameters() if p.grad is None] == []
+    rm.save_pretrained(str(tmp_path))
+    assert not (tmp_path / "reward_head.safetensors").exists()
+    back = RewardModel.from_pretrained(str(tmp_path))
+    assert back.form == "likelihood"
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids, mask), rm(ids, mask))
+    with pytest.raises(ValueError, match="form must be one of"):
+        RewardModel(Transformer(cfg), "value")
 
 
 def test_reward_model_does_not_train_an_untied_head():

@@ -92,7 +92,7 @@ def grpo_run(d, tok, *flags, autocast=None):
 
 def test_grpo_raises_the_likelihood_of_rewarded_completions(files):
     d, tok = files
-    run, prompts = grpo_run(d, tok)
+    run, prompts = grpo_run(d, tok, "--mu", "2")
     with run.engine:
         batch = train.rollout_batch(run, prompts, step=0, micro=0)
         again = train.rollout_batch(run, prompts, step=0, micro=0)
@@ -121,6 +121,27 @@ def test_grpo_raises_the_likelihood_of_rewarded_completions(files):
     assert objective[-1] > objective[0], objective
 
 
+def test_one_pass_grpo_takes_the_sampler_log_probs_from_its_own_forward(files):
+    """With --mu 1 the rollout skips the old-log-prob forward; loss and gradient are those of the
+    explicit path (the sampler's log-probs passed in)."""
+    d, tok = files
+    run, prompts = grpo_run(d, tok)
+    with run.engine:
+        batch = train.rollout_batch(run, prompts, step=0, micro=0)
+    assert "old_logprobs" not in batch
+    grads = []
+    for b in (batch, {**batch, "old_logprobs": run.strategy.logprobs(run.model, batch["input_ids"]).detach()}):
+        run.model.zero_grad()
+        loss, _ = run.strategy.loss(run.model, b)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in run.model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    assert len(grads[0][1]) == len(grads[1][1]) > 0
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b)
+    assert any(g.abs().max() > 0 for g in grads[0][1])
+
+
 @pytest.mark.parametrize("kind", ["sft", "dpo", "grpo", "rm"])
 def test_cli_runs_each_strategy_and_writes_metrics_and_checkpoint(kind, files, tmp_path):
     d, _ = files
@@ -138,7 +159,7 @@ def test_cli_runs_each_strategy_and_writes_metrics_and_checkpoint(kind, files, t
     assert ckpt == "step_000003"
     if kind == "rm":
         assert (out / ckpt / "reward_head.safetensors").exists()
-        strategies.RewardModel.from_pretrained(str(out / ckpt))
+        assert strategies.RewardModel.from_pretrained(str(out / ckpt)).form == "head"
     else:
         Transformer.from_pretrained(str(out / ckpt))
     if kind == "grpo":
@@ -332,7 +353,7 @@ def test_default_run_goes_through_every_stage(tmp_path, capsys):
         assert key == ("reward_mean" if kind == "grpo" else "loss") and (signal is None) == (kind != "grpo")
         assert score in [k / 16 for k in range(17)]  # a count out of the 16 held-out problems (or pairs)
     # means over the first and last quarter of steps, seed 0: 50 pretraining steps learn the text's
-    # form (loss 4.60 -> 1.95); SFT starts from there (1.97) and goes on learning (1.38 after 15 steps)
+    # form (loss 4.62 -> 1.59); SFT starts from there (1.74) and goes on learning (1.16 after 15 steps)
     (_, _, _, _, _, (pre_first, pre_last), _, _), (_, _, _, _, _, (sft_first, sft_last), _, _) = rows[:2]
     assert pre_last < pre_first / 2 and sft_first < pre_first / 2 and sft_last < 0.8 * sft_first
     out = capsys.readouterr().out
@@ -385,7 +406,7 @@ def test_old_logprobs_are_taken_under_the_same_autocast(files):
     """Under bf16 autocast the first of the mu passes has ratio exactly 1 (it was 0.98..1.04)."""
     d, tok = files
     bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
-    run, prompts = grpo_run(d, tok, "--temperature", "0.7", autocast=bf16)
+    run, prompts = grpo_run(d, tok, "--temperature", "0.7", "--mu", "2", autocast=bf16)
     with run.engine:
         batch = train.rollout_batch(run, prompts, step=0, micro=0)
     with torch.no_grad(), bf16:
@@ -549,14 +570,16 @@ def test_dpo_reference_is_the_start_or_ref(files, tmp_path):
     assert abs(metrics(tmp_path / "ref")[0]["loss"] - math.log(2)) > 1e-3
 
 
-def test_reward_model_as_the_grpo_reward(files, tmp_path):
+@pytest.mark.parametrize("form", strategies.RewardModel.FORMS)
+def test_reward_model_as_the_grpo_reward(files, tmp_path, form):
     d, tok = files
     r = run_cli("--type", "rm", "--data", d / "dpo.h5", "--model", d / "model", "--out", tmp_path / "rm",
-                "--steps", 2, *SMALL)
+                "--steps", 2, "--rm-reward", form, *SMALL)
     assert r.returncode == 0, r.stderr[-2000:]
     args = train.build_parser().parse_args(["--type", "grpo", "--reward-model", str(tmp_path / "rm" / "step_000002")])
     score = train.make_reward_fn(args, tok, torch.device("cpu"))
     rm = strategies.RewardModel.from_pretrained(str(tmp_path / "rm" / "step_000002")).eval()
+    assert rm.form == form
     prompt, completion = tok.encode("What is 2 plus 3?"), tok.encode("2 + 3 = 5. The answer is 5.")
     ids = torch.tensor([prompt + completion])
     mask = torch.zeros_like(ids, dtype=torch.bool)
