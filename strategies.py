@@ -4,7 +4,8 @@
     sft   cross-entropy on assistant tokens only (the loss mask)
     dpo   Direct Preference Optimization (Rafailov et al. 2023)
     grpo  Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath §4.1)
-    rm    Bradley-Terry reward model: a scalar head trained on preference pairs
+    rm    Bradley-Terry reward model on preference pairs: a scalar head, or the
+          response's mean token log-likelihood (RewardModel)
 
 Conventions: `input_ids` (B, T); a mask (B, T) marks the tokens whose
 log-probability counts (the *target* tokens: position t is predicted by the

@@ -399,7 +399,11 @@ def log0(rank, *a):
 def build_model(args, tok, device, source=None):
     """The model to train: from `source` (a checkpoint being resumed), --model, or --preset."""
     source = source or args.model
-    if args.type == "rm" and source and strategies.RewardModel.saved_form(source):
+    form = strategies.RewardModel.saved_form(source) if args.type == "rm" and source else None
+    if form:
+        if form != args.rm_reward:
+            raise SystemExit(f"error: {source} is a reward model of form {form!r}, not --rm-reward "
+                             f"{args.rm_reward}: pass --rm-reward {form} to go on training it")
         return strategies.RewardModel.from_pretrained(source, device=device)
     if source:
         model = Transformer.from_pretrained(source, dtype=torch.float32)

@@ -587,3 +587,8 @@ def test_reward_model_as_the_grpo_reward(files, tmp_path, form):
     with torch.no_grad():
         assert score(prompt, completion, "5") == pytest.approx(float(rm(ids, mask)[0]))
     assert score(prompt, completion, "5") != score(prompt, tok.encode("no idea"), "5")
+    other = "head" if form == "likelihood" else "likelihood"
+    r = run_cli("--type", "rm", "--data", d / "dpo.h5", "--model", tmp_path / "rm", "--out", tmp_path / "rm2",
+                "--steps", 1, "--rm-reward", other, *SMALL)
+    assert r.returncode != 0 and f"pass --rm-reward {form}" in r.stderr
+    assert not (tmp_path / "rm2").exists()
