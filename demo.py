@@ -5,8 +5,9 @@
     python train.py --plot runs      # the stages' curves in runs/demo.png (needs matplotlib)
 
 Stages (data.ArithmeticTask: two-digit sums and differences worked in columns, the tiny preset,
-CPU): pretraining on plain text, SFT on chats, a Bradley-Terry reward model on preference pairs,
-DPO and GRPO from the SFT model, and GRPO driven by the reward model beside GRPO driven by the
+CPU): pretraining on plain text, SFT on chats, a Bradley-Terry reward model on preference pairs
+(scoring a reply by its mean token log-likelihood: strategies.RewardModel says why),
+DPO from the SFT model, GRPO from DPO's, and GRPO driven by the reward model beside GRPO driven by the
 exact-match reward, so reward hacking (or its absence) shows. Every score is on held-out problems
 no stage trained on: exact match of the last number, greedy, in the stage's own format (plain text
 for pretraining, chat after), and the reward model's pairwise accuracy (chosen ranked above
