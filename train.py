@@ -110,9 +110,10 @@ def add_strategy_and_distributed_args(p):
     g = p.add_argument_group("strategy hyperparameters")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="seq/sft")
     g.add_argument("--beta", type=float, default=0.1, help="dpo: KL strength")
-    g.add_argument("--rm-reward", choices=strategies.RewardModel.FORMS, default="head",
-                   help="rm: r(x, y) from a scalar head on the last response token, or the response's mean "
-                   "token log-likelihood (see strategies.RewardModel)")
+    g.add_argument("--rm-reward", choices=strategies.RewardModel.FORMS,
+                   help="rm: r(x, y) from a scalar head on the last response token (a new reward model's "
+                   "default), or the response's mean token log-likelihood (see strategies.RewardModel); "
+                   "a saved reward model keeps its own")
     g.add_argument("--ref", help="dpo/grpo: reference model directory (default: a frozen copy of the start)")
     g.add_argument("--group-size", type=int, default=4, help="grpo: completions per prompt (G)")
     g.add_argument("--kl-coef", type=float, default=0.04, help="grpo: k3 KL coefficient")
@@ -401,7 +402,7 @@ def build_model(args, tok, device, source=None):
     source = source or args.model
     form = strategies.RewardModel.saved_form(source) if args.type == "rm" and source else None
     if form:
-        if form != args.rm_reward:
+        if args.rm_reward not in (None, form):
             raise SystemExit(f"error: {source} is a reward model of form {form!r}, not --rm-reward "
                              f"{args.rm_reward}: pass --rm-reward {form} to go on training it")
         return strategies.RewardModel.from_pretrained(source, device=device)
@@ -415,7 +416,7 @@ def build_model(args, tok, device, source=None):
         raise SystemExit(f"error: the model's vocab_size {model.config.vocab_size} is smaller than the "
                          f"tokenizer's {tok.vocab_size}: they do not belong together")
     if args.type == "rm":
-        model = strategies.RewardModel(model, args.rm_reward)
+        model = strategies.RewardModel(model, args.rm_reward or "head")
     return model.to(device)
 
 

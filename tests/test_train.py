@@ -592,3 +592,7 @@ def test_reward_model_as_the_grpo_reward(files, tmp_path, form):
                 "--steps", 1, "--rm-reward", other, *SMALL)
     assert r.returncode != 0 and f"pass --rm-reward {form}" in r.stderr
     assert not (tmp_path / "rm2").exists()
+    r = run_cli("--type", "rm", "--data", d / "dpo.h5", "--model", tmp_path / "rm", "--out", tmp_path / "rm3",
+                "--steps", 1, *SMALL)  # without the flag a saved reward model keeps its own form
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert strategies.RewardModel.from_pretrained(str(tmp_path / "rm3" / "step_000001")).form == form
