@@ -356,6 +356,9 @@ def test_default_run_goes_through_every_stage(tmp_path, capsys):
     # form (loss 4.62 -> 1.59); SFT starts from there (1.74) and goes on learning (1.16 after 15 steps)
     (_, _, _, _, _, (pre_first, pre_last), _, _), (_, _, _, _, _, (sft_first, sft_last), _, _) = rows[:2]
     assert pre_last < pre_first / 2 and sft_first < pre_first / 2 and sft_last < 0.8 * sft_first
+    import tokenizer as tokenizer_lib  # trained on chat turns too: the role names are one token each
+    tok = tokenizer_lib.load(str(tmp_path / "demo-data" / "tokenizer"))
+    assert [len(tok.encode(role)) for role in ("user", "assistant")] == [1, 1]
     out = capsys.readouterr().out
     assert out.count("pairwise accuracy") == 1 and "groups w/ signal" in out and "python server.py" in out
     from server import default_model_dir
