@@ -59,11 +59,12 @@ def fixed_batch(kind, path, tok):
     return data.collate(kind, samples, tok.pad_id)
 
 
-@pytest.mark.parametrize("kind", ["seq", "sft", "dpo", "rm"])
-def test_each_strategy_lowers_its_loss_on_a_fixed_batch(kind, files):
+@pytest.mark.parametrize("kind, flags", [("seq", []), ("sft", []), ("dpo", []), ("rm", []),
+                                         ("rm", ["--rm-reward", "likelihood"])])
+def test_each_strategy_lowers_its_loss_on_a_fixed_batch(kind, flags, files):
     d, tok = files
     args = train.build_parser().parse_args(["--type", kind, "--data", str(d / f"{strategies.STRATEGIES[kind][1]}.h5"),
-                                            "--model", str(d / "model"), "--beta", "1.0"])
+                                            "--model", str(d / "model"), "--beta", "1.0", *flags])
     model = train.build_model(args, tok, torch.device("cpu"))
     strategy = train.build_strategy(args, model, torch.device("cpu"))
     batch = fixed_batch(strategies.STRATEGIES[kind][1], d / f"{strategies.STRATEGIES[kind][1]}.h5", tok)
