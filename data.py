@@ -436,6 +436,7 @@ ZH_TEMPLATES = {
 EN_NAMES, EN_ITEMS = ["Tom", "Anna", "Li Lei", "Sara"], ["apple", "book", "pen", "coin"]
 ZH_NAMES, ZH_ITEMS = ["小明", "小红", "李雷", "王芳"], ["苹果", "书", "笔", "硬币"]
 SLIPS = ("ones+1", "ones-1", "tens+1", "tens-1", "carry")  # a rejected reply's one mistake
+WRITERS_FORGET = {"+": 0.6, "-": 0.7}  # the share of carries (borrows) that written replies forget
 
 
 class ArithmeticTask:
@@ -449,13 +450,21 @@ class ArithmeticTask:
     column method in minutes, while with the bare "48 + 27 = 75" (the carry decided before the
     ones are written) it got 1.6% of held-out problems right after the same training (README).
     Held-out problems: every (op, a, b) whose hash puts it in 1 of 8 buckets is used only for
-    evaluation, so eval measures the learned method, not recall. A rejected reply (DPO and
-    reward-model pairs) makes one mistake (`mistake`) and carries it into the answer.
+    evaluation, so eval measures the learned method, not recall.
+    Written text (pretraining documents, SFT demonstrations) is right but for one habit of its
+    writers: they forget the carry into the tens column in `forget[op]` of the problems that need
+    one ("28 + 85: 8 + 5 = 13, 2 + 8 = 10. The answer is 103."), so imitation learns to forget it.
+    What knows better: the preference pairs, whose chosen reply is right and whose rejected reply
+    makes one mistake (`mistake`, often that very slip), and GRPO's exact-match reward.
     Scoring extracts the last integer: exact match = 1.
     """
 
-    def __init__(self, seed: int = 0):
-        self.seed = seed
+    def __init__(self, seed: int = 0, forget: dict = WRITERS_FORGET):
+        self.seed, self.forget = seed, forget
+
+    @staticmethod
+    def needs_carry(op: str, a: int, b: int) -> bool:
+        return a % 10 + b % 10 > 9 if op == "+" else a % 10 < b % 10
 
     @staticmethod
     def is_heldout(op: str, a: int, b: int) -> bool:
@@ -480,12 +489,14 @@ class ArithmeticTask:
     @staticmethod
     def working(op: str, a: int, b: int, slip: str = "") -> tuple:
         """(text, answer) of the column method, with one SLIPS mistake carried into the answer:
-        ones column, then tens column with the carry (+ 1) or borrow (- 1)."""
+        ones column, then tens column with the carry (+ 1) or borrow (- 1). The "carry" slip
+        forgets it there: "8 + 5 = 13, 2 + 8 = 10" (103), "13 - 4 = 9, 9 - 8 = 1" (19)."""
         (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
         sign = 1 if op == "+" else -1
-        carry = 0 if slip == "carry" else int(a0 + b0 > 9 if op == "+" else a0 < b0)
+        carry = int(ArithmeticTask.needs_carry(op, a, b))
         top = a0 + 10 * carry if op == "-" else a0  # a borrow lends the ones column 10
         ones = top + sign * b0 + (slip == "ones+1") - (slip == "ones-1")
+        carry *= slip != "carry"
         tens = a1 + sign * (b1 + carry) + (slip == "tens+1") - (slip == "tens-1")
         with_carry = f" {op} 1" if carry else ""
         return f"{a} {op} {b}: {top} {op} {b0} = {ones}, {a1} {op} {b1}{with_carry} = {tens}", tens * 10 + ones % 10
@@ -497,9 +508,11 @@ class ArithmeticTask:
 
     @staticmethod
     def mistake(rng: random.Random, op: str, a: int, b: int) -> tuple:
-        """(a', b', slip) for a rejected reply: half the time one digit of an operand misread (the
-        tiny model's own commonest error), else one of SLIPS in the columns; the answer changes
-        and nothing goes negative."""
+        """(a', b', slip) for a rejected reply: where the problem has a carry (or borrow), half the
+        time the writers' own slip, forgetting it; else half the time one digit of an operand
+        misread, else one of SLIPS in the columns; the answer changes and nothing goes negative."""
+        if ArithmeticTask.needs_carry(op, a, b) and rng.random() < 0.5:
+            return a, b, "carry"
         right = ArithmeticTask.solve(op, a, b)
         while True:
             operands, slip = [a, b], ""
@@ -523,10 +536,11 @@ class ArithmeticTask:
             q, op, a, b, zh = self._problem(rng, heldout=split == "eval")
             good = self.reply(op, a, b, zh)
             prompt = [{"role": "user", "content": q}]
-            if kind == "seq":
-                out.append({"text": f"{q}\n{good}"})
-            elif kind == "sft":
-                out.append({"messages": prompt + [{"role": "assistant", "content": good}]})
+            if kind in ("seq", "sft"):  # written by people, who forget some carries
+                forgot = self.needs_carry(op, a, b) and rng.random() < self.forget[op]
+                written = self.reply(op, a, b, zh, "carry" if forgot else "")
+                out.append({"text": f"{q}\n{written}"} if kind == "seq" else
+                           {"messages": prompt + [{"role": "assistant", "content": written}]})
             elif kind == "dpo":
                 a2, b2, slip = self.mistake(rng, op, a, b)
                 bad = self.reply(op, a2, b2, zh, slip)

@@ -4,14 +4,16 @@
     python train.py --seed 3         # the whole run from another seed
     python train.py --plot runs      # the stages' curves in runs/demo.png (needs matplotlib)
 
-Stages (data.ArithmeticTask: two-digit sums and differences worked in columns, the tiny preset,
-CPU): pretraining on plain text, SFT on chats, a Bradley-Terry reward model on preference pairs
+Stages (data.ArithmeticTask: two-digit sums and differences worked in columns, written by people
+who often forget the carry; the tiny preset, CPU): pretraining on plain text and SFT on chats,
+which imitate the writers, habit included; a Bradley-Terry reward model on preference pairs
 (scoring a reply by its mean token log-likelihood: strategies.RewardModel says why),
 DPO from the SFT model, GRPO from DPO's, and GRPO driven by the reward model beside GRPO driven by the
 exact-match reward, so reward hacking (or its absence) shows. Every score is on held-out problems
 no stage trained on: exact match of the last number, greedy, in the stage's own format (plain text
 for pretraining, chat after), and the reward model's pairwise accuracy (chosen ranked above
-rejected). Pretraining gets most of the budget: it is where the column method is learned.
+rejected). Pretraining gets most of the budget: it is where the column method is learned. DPO
+and GRPO are where the forgotten carries are put right: the pairs and the reward know the answer.
 """
 
 import json
@@ -28,9 +30,9 @@ import tokenizer as tokenizer_lib
 STAGES = [
     ("demo-1-pretrain", "seq", "seq", None, 1000, ["--batch-size", "16", "--lr", "2e-3", "--warmup", "20"]),
     ("demo-2-sft", "sft", "sft", "demo-1-pretrain", 300, ["--batch-size", "32", "--lr", "2e-3", "--warmup", "10"]),
-    ("demo-3-rm", "rm", "dpo", "demo-2-sft", 150, ["--batch-size", "8", "--lr", "2e-5", "--min-lr", "1e-6",
+    ("demo-3-rm", "rm", "dpo", "demo-2-sft", 150, ["--batch-size", "8", "--lr", "5e-5", "--min-lr", "1e-6",
                                                    "--warmup", "10", "--rm-reward", "likelihood"]),
-    ("demo-4-dpo", "dpo", "dpo", "demo-2-sft", 80, ["--batch-size", "8", "--lr", "1e-5", "--min-lr", "1e-6",
+    ("demo-4-dpo", "dpo", "dpo", "demo-2-sft", 80, ["--batch-size", "8", "--lr", "2e-5", "--min-lr", "1e-6",
                                                     "--warmup", "5", "--beta", "0.1"]),
     ("demo-5-grpo", "grpo", "grpo", "demo-4-dpo", 20, ["--batch-size", "128", "--group-size", "8", "--lr", "1e-4",
                                                       "--min-lr", "1e-5", "--warmup", "3", "--temperature", "1.0",

@@ -206,7 +206,8 @@ def test_task_is_deterministic_verifiable_and_heldout_is_disjoint():
 
 def test_task_answers_are_right_by_arithmetic():
     """Recomputed from the numbers in the question, column by column from the working in the reply,
-    not from the answer field; a rejected reply's working or reading is wrong, and its answer too."""
+    not from the answer field; a rejected reply's working or reading is wrong, and its answer too; a
+    written reply (documents, demonstrations) is right or forgets exactly the carry, half the time."""
     import re
     task = ArithmeticTask(0)
 
@@ -222,8 +223,31 @@ def test_task_answers_are_right_by_arithmetic():
                 and top == a % 10 + 10 * carry * (op == "-") and b0 == b % 10 and ones == top + sign * b0
                 and (a1, b1) == (a // 10, b // 10) and (carry_mark is not None) == carry
                 and tens == a1 + sign * (b1 + carry) and answer == tens * 10 + ones % 10 == a + sign * b)
-    for r in task.records("sft", 300):
-        assert check(r["messages"][0]["content"], r["messages"][1]["content"]), r
+    forgot, carries = {"+": 0, "-": 0}, {"+": 0, "-": 0}  # written replies forget some carries (borrows)
+    for q, reply in [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in task.records("sft", 400)] + \
+            [r["text"].split("\n") for r in task.records("seq", 400)]:
+        a, b = map(int, re.findall(r"\d+", q))
+        op = reply.split()[1]
+        carries[op] += ArithmeticTask.needs_carry(op, a, b)
+        if not check(q, reply):  # then exactly the carry is missing from the tens column
+            forgot[op] += 1
+            assert ArithmeticTask.needs_carry(op, a, b) and reply == ArithmeticTask.reply(op, a, b, "答" in reply, "carry")
+    for op, p in data.WRITERS_FORGET.items():  # within 3.5 standard deviations of the writers' rate
+        assert carries[op] > 150 and abs(forgot[op] / carries[op] - p) < 3.5 * (p * (1 - p) / carries[op]) ** 0.5
+    never_plus = ArithmeticTask(0, {"+": 0.0, "-": 1.0})  # writers who always carry and never borrow
+    for r in never_plus.records("sft", 100):
+        q, reply = r["messages"][0]["content"], r["messages"][1]["content"]
+        a, b = map(int, re.findall(r"\d+", q))
+        op = reply.split()[1]
+        assert check(q, reply) == (op == "+" or not ArithmeticTask.needs_carry(op, a, b))
+    forgotten, with_carry = 0, 0  # about half the pairs on a problem with a carry reject the writers' slip
+    for r in task.records("dpo", 400):
+        m = re.match(r"(\d+) ([-+]) (\d+)", r["chosen"])
+        a, op, b = int(m[1]), m[2], int(m[3])
+        if ArithmeticTask.needs_carry(op, a, b):
+            with_carry += 1
+            forgotten += r["rejected"] == ArithmeticTask.reply(op, a, b, "答" in r["chosen"], "carry")
+    assert with_carry > 150 and 0.4 < forgotten / with_carry < 0.7  # 0.5, plus SLIPS' own "carry"
     for r in task.records("dpo", 300):
         assert check(r["messages"][0]["content"], r["chosen"]) and not check(r["messages"][0]["content"], r["rejected"])
         assert re.findall(r"\d+", r["chosen"])[-1] != re.findall(r"\d+", r["rejected"])[-1]  # the slip shows
