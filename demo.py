@@ -26,7 +26,9 @@ import checkpoint
 import data
 import tokenizer as tokenizer_lib
 
-# (run name, --type, data file, start from, steps, flags)
+GRPO_FLAGS = ["--batch-size", "128", "--group-size", "8", "--lr", "1e-4", "--min-lr", "1e-5", "--warmup", "3",
+              "--temperature", "1.0", "--max-new-tokens", "40"]
+# (run name, --type, data file, start from, steps, flags; a --reward-model names a stage)
 STAGES = [
     ("demo-1-pretrain", "seq", "seq", None, 1000, ["--batch-size", "16", "--lr", "2e-3", "--warmup", "20"]),
     ("demo-2-sft", "sft", "sft", "demo-1-pretrain", 300, ["--batch-size", "32", "--lr", "2e-3", "--warmup", "10"]),
@@ -34,11 +36,11 @@ STAGES = [
                                                    "--warmup", "10", "--rm-reward", "likelihood"]),
     ("demo-4-dpo", "dpo", "dpo", "demo-2-sft", 80, ["--batch-size", "8", "--lr", "2e-5", "--min-lr", "1e-6",
                                                     "--warmup", "5", "--beta", "0.1"]),
-    ("demo-5-grpo", "grpo", "grpo", "demo-4-dpo", 20, ["--batch-size", "128", "--group-size", "8", "--lr", "1e-4",
-                                                      "--min-lr", "1e-5", "--warmup", "3", "--temperature", "1.0",
-                                                      "--max-new-tokens", "40"]),
+    # GRPO twice from DPO's model: rewarded by the reward model, then by exact match (last, so that
+    # `python server.py`, which serves the newest run, serves it)
+    ("demo-5-grpo-rm", "grpo", "grpo", "demo-4-dpo", 20, GRPO_FLAGS + ["--reward-model", "demo-3-rm"]),
+    ("demo-6-grpo", "grpo", "grpo", "demo-4-dpo", 20, GRPO_FLAGS),
 ]
-RM_GRPO = ("demo-6-grpo-rm", "grpo", "grpo", "demo-4-dpo", *STAGES[4][4:])  # the same, rewarded by demo-3-rm
 
 
 def prepare(root, seed, eval_problems):
@@ -104,8 +106,7 @@ def start_end(run_dir, key):
 def run(root="runs", seed=0, scale=1.0, eval_problems=256):
     """Every stage, then the table. scale shrinks every stage's steps (the tests run a few percent)."""
     from train import main as train_main
-    stages = STAGES + [RM_GRPO]
-    previous = [os.path.join(root, s[0]) for s in stages if os.path.isdir(os.path.join(root, s[0]))]
+    previous = [os.path.join(root, s[0]) for s in STAGES if os.path.isdir(os.path.join(root, s[0]))]
     if previous:  # the demo's own directories: a new demo run replaces them
         print(f"demo: replacing the previous demo run ({', '.join(previous)})")
         for path in previous:
@@ -115,15 +116,17 @@ def run(root="runs", seed=0, scale=1.0, eval_problems=256):
     print(f"demo: seed {seed}, tokenizer ({tok.vocab_size} tokens) and data in {data_dir} "
           f"({time.time() - t0:.0f}s)", flush=True)
     rows = []
-    for name, kind, data_kind, start, steps, extra in stages:
+    for name, kind, data_kind, start, steps, extra in STAGES:
         out, t = os.path.join(root, name), time.time()
         source = ["--model", checkpoint.latest(os.path.join(root, start))] if start else \
             ["--preset", "tiny", "--tokenizer", os.path.join(data_dir, "tokenizer")]
-        reward = ["--reward-model", checkpoint.latest(os.path.join(root, "demo-3-rm"))] if name == RM_GRPO[0] else []
+        if "--reward-model" in extra:  # it names a stage: pass that stage's checkpoint
+            i = extra.index("--reward-model") + 1
+            extra = extra[:i] + [checkpoint.latest(os.path.join(root, extra[i]))] + extra[i + 1:]
         print(f"\n== {name}: {kind}", flush=True)
         last = train_main(["--type", kind, "--data", os.path.join(data_dir, f"{data_kind}.h5"), *source, "--out", out,
                            "--steps", str(max(1, int(steps * scale))), "--seq-len", "128", "--log-every", "25",
-                           "--keep-last", "1", "--seed", str(seed), *extra, *reward])
+                           "--keep-last", "1", "--seed", str(seed), *extra])
         key = "reward_mean" if kind == "grpo" else "loss"
         signal = start_end(out, "groups_with_signal") if kind == "grpo" else None
         rows.append((name, kind, last["step"], (time.time() - t) / 60, key, start_end(out, key), signal,
@@ -141,13 +144,13 @@ def print_table(rows, seconds):
         what = "pairwise accuracy" if kind == "rm" else "exact match"
         groups = f"{signal[0]:.0%} -> {signal[1]:.0%}" if signal else ""
         print(f"{name:<16}{steps:>6}{minutes:>6.1f}  {f'{key} {a:.3f} -> {b:.3f}':<34}{groups:<18}{score:.1%} {what}")
-    print(f"\n{seconds / 60:.1f} minutes in all. The exact-match rewarded GRPO (demo-5) is the model to serve: "
-          f"python server.py --model runs/demo-5-grpo")
+    print(f"\n{seconds / 60:.1f} minutes in all. `python server.py` serves the last stage, GRPO rewarded by exact "
+          f"match (runs/{STAGES[-1][0]})")
 
 
 def plot(root):
     """Each stage's training curve (loss, or GRPO's mean reward) in ROOT/demo.png."""
-    stages = [s for s in STAGES + [RM_GRPO] if os.path.isfile(os.path.join(root, s[0], "metrics.jsonl"))]
+    stages = [s for s in STAGES if os.path.isfile(os.path.join(root, s[0], "metrics.jsonl"))]
     if not stages:
         raise SystemExit(f"error: no demo run under {root} (runs/demo-*/metrics.jsonl): run `python train.py` first")
     try:

@@ -348,7 +348,7 @@ def test_default_run_goes_through_every_stage(tmp_path, capsys):
     """`python train.py` with no arguments, shrunk to a few steps per stage."""
     import demo
     rows = demo.run(str(tmp_path), scale=0.05, eval_problems=16)
-    assert [r[0] for r in rows] == [s[0] for s in demo.STAGES + [demo.RM_GRPO]]
+    assert [r[0] for r in rows] == [s[0] for s in demo.STAGES]
     for name, kind, steps, minutes, key, (start, end), signal, score in rows:
         assert (tmp_path / name / "latest").exists() and steps >= 1
         assert key == ("reward_mean" if kind == "grpo" else "loss") and (signal is None) == (kind != "grpo")
@@ -363,7 +363,7 @@ def test_default_run_goes_through_every_stage(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("pairwise accuracy") == 1 and "groups w/ signal" in out and "python server.py" in out
     from server import default_model_dir
-    assert default_model_dir(str(tmp_path)).startswith(str(tmp_path / "demo-6-grpo-rm"))
+    assert default_model_dir(str(tmp_path)).startswith(str(tmp_path / "demo-6-grpo" / "step_"))
     demo.run(str(tmp_path), scale=0.01, eval_problems=16)  # a second demo replaces the first
     assert "replacing the previous demo run" in capsys.readouterr().out
 
