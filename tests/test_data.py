@@ -207,7 +207,7 @@ def test_task_is_deterministic_verifiable_and_heldout_is_disjoint():
 def test_task_answers_are_right_by_arithmetic():
     """Recomputed from the numbers in the question, column by column from the working in the reply,
     not from the answer field; a rejected reply's working or reading is wrong, and its answer too; a
-    written reply (documents, demonstrations) is right or forgets exactly the carry, half the time."""
+    written reply (documents, demonstrations) is right or forgets exactly the carry, at the writers' rate."""
     import re
     task = ArithmeticTask(0)
 
@@ -234,8 +234,8 @@ def test_task_answers_are_right_by_arithmetic():
             assert ArithmeticTask.needs_carry(op, a, b) and reply == ArithmeticTask.reply(op, a, b, "答" in reply, "carry")
     for op, p in data.WRITERS_FORGET.items():  # within 3.5 standard deviations of the writers' rate
         assert carries[op] > 150 and abs(forgot[op] / carries[op] - p) < 3.5 * (p * (1 - p) / carries[op]) ** 0.5
-    never_plus = ArithmeticTask(0, {"+": 0.0, "-": 1.0})  # writers who always carry and never borrow
-    for r in never_plus.records("sft", 100):
+    carry_not_borrow = ArithmeticTask(0, {"+": 0.0, "-": 1.0})  # writers who always carry and never borrow
+    for r in carry_not_borrow.records("sft", 100):
         q, reply = r["messages"][0]["content"], r["messages"][1]["content"]
         a, b = map(int, re.findall(r"\d+", q))
         op = reply.split()[1]
