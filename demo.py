@@ -12,10 +12,12 @@ DPO from the SFT model, GRPO from DPO's, and GRPO driven by the reward model bes
 exact-match reward, so reward hacking (or its absence) shows. Every score is on held-out problems
 no stage trained on: exact match of the last number, greedy, in the stage's own format (plain text
 for pretraining, chat after), and the reward model's pairwise accuracy (chosen ranked above
-rejected). Pretraining gets most of the budget: it is where the column method is learned. DPO
-and GRPO are where the forgotten carries are put right: the pairs and the reward know the answer.
+rejected). Pretraining gets most of the budget, in small batches: the column method is learned
+there, in updates rather than tokens (README, Measured). DPO and GRPO are where the forgotten
+carries are put right: the pairs and the reward know the answer.
 """
 
+import collections
 import json
 import os
 import shutil
@@ -30,8 +32,8 @@ GRPO_FLAGS = ["--batch-size", "128", "--group-size", "8", "--lr", "1e-4", "--min
               "--temperature", "1.0", "--max-new-tokens", "40"]
 # (run name, --type, data file, start from, steps, flags; a --reward-model names a stage)
 STAGES = [
-    ("demo-1-pretrain", "seq", "seq", None, 1000, ["--batch-size", "16", "--lr", "2e-3", "--warmup", "20"]),
-    ("demo-2-sft", "sft", "sft", "demo-1-pretrain", 300, ["--batch-size", "32", "--lr", "2e-3", "--warmup", "10"]),
+    ("demo-1-pretrain", "seq", "seq", None, 3000, ["--batch-size", "4", "--lr", "1e-3", "--warmup", "20"]),
+    ("demo-2-sft", "sft", "sft", "demo-1-pretrain", 600, ["--batch-size", "16", "--lr", "2e-3", "--warmup", "10"]),
     ("demo-3-rm", "rm", "dpo", "demo-2-sft", 150, ["--batch-size", "8", "--lr", "5e-5", "--min-lr", "1e-6",
                                                    "--warmup", "10", "--rm-reward", "likelihood"]),
     ("demo-4-dpo", "dpo", "dpo", "demo-2-sft", 80, ["--batch-size", "8", "--lr", "2e-5", "--min-lr", "1e-6",
@@ -41,6 +43,11 @@ STAGES = [
     ("demo-5-grpo-rm", "grpo", "grpo", "demo-4-dpo", 20, GRPO_FLAGS + ["--reward-model", "demo-3-rm"]),
     ("demo-6-grpo", "grpo", "grpo", "demo-4-dpo", 20, GRPO_FLAGS),
 ]
+
+
+# One line of the table: a stage's training metric (key) as means over its first and last quarter of
+# steps, GRPO's share of groups with signal over the same quarters (else None), the held-out score
+Row = collections.namedtuple("Row", "name kind steps minutes key start_end signal score")
 
 
 def prepare(root, seed, eval_problems):
@@ -129,8 +136,8 @@ def run(root="runs", seed=0, scale=1.0, eval_problems=256):
                            "--keep-last", "1", "--seed", str(seed), *extra])
         key = "reward_mean" if kind == "grpo" else "loss"
         signal = start_end(out, "groups_with_signal") if kind == "grpo" else None
-        rows.append((name, kind, last["step"], (time.time() - t) / 60, key, start_end(out, key), signal,
-                     held_out_score(train_main, kind, checkpoint.latest(out), data_dir, problems)))
+        rows.append(Row(name, kind, last["step"], (time.time() - t) / 60, key, start_end(out, key), signal,
+                        held_out_score(train_main, kind, checkpoint.latest(out), data_dir, problems)))
     print_table(rows, time.time() - t0)
     return rows
 

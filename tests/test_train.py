@@ -344,19 +344,43 @@ def math_cos(fraction):
     return math.cos(math.pi * fraction)
 
 
-def test_default_run_goes_through_every_stage(tmp_path, capsys):
-    """`python train.py` with no arguments, shrunk to a few steps per stage."""
+@pytest.fixture
+def all_cores():
+    """The suite runs one thread per test (conftest); the default run's test runs as `python train.py`
+    does, on every core: 6 minutes on one thread of this 2-core machine, 4 on both."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_default_run_learns(tmp_path, capsys, all_cores):
+    """`python train.py --seed 1` at 40% of every stage's steps (about 4 minutes on 2 cores), scored on
+    256 held-out problems; pretraining's 1,200 steps are past the point where the column method
+    appears (1,000 steps: about 10%). Seeds 0, 1, 2 at this scale: the pretrained model answers
+    2.3 / 0.4 / 0.4% of the problems asked as a chat and SFT 16.0 / 35.9 / 45.3%, so SFT must add
+    5 points; the reward model ranks 80.1 / 93.0 / 94.1% of held-out pairs, so it must beat chance
+    (50%, standard error 3.1 points on 256 pairs) by 15 points. GRPO's 8 steps here do not raise its
+    reward (sampled on the same 128 training prompts, 4 answers each: 0.098 -> 0.084 on seed 0,
+    0.465 -> 0.469 on seed 1; the full run's 20 steps: 0.586 -> 0.789), so only its plumbing is
+    asserted.
+    """
+    import checkpoint
     import demo
-    rows = demo.run(str(tmp_path), scale=0.05, eval_problems=16)
-    assert [r[0] for r in rows] == [s[0] for s in demo.STAGES]
-    for name, kind, steps, minutes, key, (start, end), signal, score in rows:
-        assert (tmp_path / name / "latest").exists() and steps >= 1
-        assert key == ("reward_mean" if kind == "grpo" else "loss") and (signal is None) == (kind != "grpo")
-        assert score in [k / 16 for k in range(17)]  # a count out of the 16 held-out problems (or pairs)
-    # means over the first and last quarter of steps, seed 0: 50 pretraining steps learn the text's
-    # form (loss 4.67 -> 1.66); SFT starts from there (1.96) and goes on learning (1.23 after 15 steps)
-    (_, _, _, _, _, (pre_first, pre_last), _, _), (_, _, _, _, _, (sft_first, sft_last), _, _) = rows[:2]
-    assert pre_last < pre_first / 2 and sft_first < pre_first / 2 and sft_last < 0.8 * sft_first
+    from train import main as train_main
+    rows = {r.name: r for r in demo.run(str(tmp_path), seed=1, scale=0.4, eval_problems=256)}
+    steps = {name: n for name, _, _, _, n, _ in demo.STAGES}
+    assert list(rows) == list(steps)
+    for r in rows.values():
+        assert (tmp_path / r.name / "latest").exists() and r.steps == int(steps[r.name] * 0.4)
+        assert r.key == ("reward_mean" if r.kind == "grpo" else "loss") and (r.signal is None) == (r.kind != "grpo")
+    pre, sft, rm = rows["demo-1-pretrain"], rows["demo-2-sft"], rows["demo-3-rm"]
+    # SFT teaches the chat format: the pretrained model in chat against SFT's row
+    pre_chat = demo.held_out_score(train_main, "sft", checkpoint.latest(str(tmp_path / pre.name)),
+                                   str(tmp_path / "demo-data"), [None] * 256)
+    assert sft.score > pre_chat + 0.05
+    assert pre.start_end[1] < pre.start_end[0] / 2 and sft.start_end[1] < sft.start_end[0] / 2
+    assert rm.score > 0.5 + 0.15  # the reward model ranks held-out pairs
     import tokenizer as tokenizer_lib  # trained on chat turns too: the role names are one token each
     tok = tokenizer_lib.load(str(tmp_path / "demo-data" / "tokenizer"))
     assert [len(tok.encode(role)) for role in ("user", "assistant")] == [1, 1]
@@ -364,7 +388,7 @@ def test_default_run_goes_through_every_stage(tmp_path, capsys):
     assert out.count("pairwise accuracy") == 1 and "groups w/ signal" in out and "python server.py" in out
     from server import default_model_dir
     assert default_model_dir(str(tmp_path)).startswith(str(tmp_path / "demo-6-grpo" / "step_"))
-    demo.run(str(tmp_path), scale=0.01, eval_problems=16)  # a second demo replaces the first
+    demo.run(str(tmp_path), scale=0.001, eval_problems=16)  # a second demo replaces the first
     assert "replacing the previous demo run" in capsys.readouterr().out
 
 
