@@ -111,7 +111,7 @@ def start_end(run_dir, key):
 
 
 def run(root="runs", seed=0, scale=1.0, eval_problems=256):
-    """Every stage, then the table. scale shrinks every stage's steps (the tests run a few percent)."""
+    """Every stage, then the table. scale shrinks every stage's steps (the test of the default run runs 40%)."""
     from train import main as train_main
     previous = [os.path.join(root, s[0]) for s in STAGES if os.path.isdir(os.path.join(root, s[0]))]
     if previous:  # the demo's own directories: a new demo run replaces them
