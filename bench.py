@@ -448,6 +448,7 @@ def bench_data(args):
     import numpy as np
     import data
     import tokenizer
+    from task import ArithmeticTask
     rng = np.random.default_rng(0)
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -480,7 +481,7 @@ def bench_data(args):
         print_table(f"window reads: {args.tokens / 1e6:.0f}M tokens ({size / 1e6:.0f} MB, written in "
                     f"{write_s:.1f}s), window {args.window}", ["read", "tokens/s"], rows)
 
-        task = data.ArithmeticTask(0)
+        task = ArithmeticTask(0)
         tok = tokenizer.train([r["text"] for r in task.records("seq", 3000)], vocab_size=1024)
         records = list(enumerate(task.records("sft", args.records), 1))
         t = time.perf_counter()

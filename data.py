@@ -1,40 +1,36 @@
-"""Data: HDF5 token storage, datasets for each training stage, a resumable
-distributed sampler, and the built-in bilingual arithmetic task.
+"""Data: HDF5 token storage, `prepare` (JSONL or text -> HDF5), datasets for each training stage,
+their collates, and a resumable distributed sampler.
 
-Storage. One .h5 file is one segment; a folder of them is one dataset.
-Token arrays are flat 1-D integer datasets, stored contiguous and
-uncompressed so reads memory-map them with NumPy at the dataset's file
-offset (zero-copy); files written elsewhere with chunking or compression
-are read through h5py instead. Record boundaries live in `*offsets`
-datasets (n_records + 1 entries, offsets[i]..offsets[i+1] is record i).
+One .h5 file is one segment, a folder of them one dataset; file attributes: kind, format_version,
+vocab_size, tokenizer (fingerprint). Token arrays are flat 1-D integer datasets, contiguous and
+uncompressed so reads memory-map them with NumPy at the dataset's file offset (zero-copy); files
+chunked or compressed elsewhere are read through h5py. Record i is offsets[i]..offsets[i+1].
 
     kind  datasets
     seq   sequence, offsets                       documents, each ending in <|endoftext|>
     sft   sequence, loss_mask, offsets            ChatML conversations; mask = assistant tokens
     dpo   chosen, chosen_mask, chosen_offsets,    prompt + response; mask = response tokens
           rejected, rejected_mask, rejected_offsets
-    grpo  prompt, prompt_offsets, answer          prompt ids (ending in the assistant header)
-                                                  and reference answer strings
+    grpo  prompt, prompt_offsets, answer          prompt ids (to the assistant header); answer strings
 
-File attributes: kind, format_version, vocab_size, tokenizer (fingerprint).
-
-Windows (seq, sft), as the seed project defines them: window i covers
+Windows (seq, sft), as the seed project defines them, stay inside one segment: window i covers
     begin_i = min(i * stride, total - 1 - window),  end_i = begin_i + window
 with targets the same span shifted by one; count = ceil((total-1-window)/stride) + 1.
-Windows stay inside one segment.
+Left out: tokenizing on the fly (`prepare` runs once, ahead of training); attention masks at
+document ends inside a window (<|endoftext|> is the only boundary). The built-in task: task.py.
 
-    python data.py prepare --kind sft --input chats.jsonl --tokenizer runs/demo/tokenizer --out sft.h5
-    python data.py task --out data/task     # the built-in task as JSONL, one file per stage
+    python data.py prepare --kind sft --input data/task/sft.jsonl --tokenizer runs/tok --out data/sft.h5
+    python data.py prepare --kind seq --input big.txt --tokenizer runs/tok --out data/seq --shard-tokens 100000000
 """
 
 import argparse
 import json
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
+from typing import Union
 
 import h5py
 import numpy as np
@@ -51,10 +47,6 @@ KINDS = {
 
 # -----------------------------------------------------------------------------
 # Writing
-
-def _token_dtype(vocab_size: int):
-    return np.uint16 if vocab_size <= 1 << 16 else np.int32
-
 
 class SegmentWriter:
     """Accumulates records of one kind and writes one .h5 file, atomically.
@@ -81,7 +73,7 @@ class SegmentWriter:
 
     def close(self):
         tmp = f"{self.path}.tmp{os.getpid()}"
-        dtype = _token_dtype(self.vocab_size)
+        dtype = np.uint16 if self.vocab_size <= 1 << 16 else np.int32  # half the bytes where ids fit
         try:
             with h5py.File(tmp, "w") as f:
                 f.attrs.update(kind=self.kind, format_version=FORMAT_VERSION,
@@ -374,7 +366,10 @@ def collate(kind: str, samples: list, pad_id: int = 0) -> dict:
     return collate_grpo(samples) if kind == "grpo" else collate_windows(samples)
 
 
-def load_dataset(path: str, kind: str, seq_len: int, fingerprint=None):
+Dataset = Union[WindowDataset, RecordDataset]
+
+
+def load_dataset(path: str, kind: str, seq_len: int, fingerprint=None) -> Dataset:
     if kind in ("seq", "sft"):
         return WindowDataset(path, kind, seq_len, fingerprint=fingerprint)
     if kind in ("dpo", "grpo"):
@@ -421,148 +416,9 @@ class DistributedSampler:
 
 
 # -----------------------------------------------------------------------------
-# The built-in task: bilingual arithmetic word problems
-
-EN_TEMPLATES = {
-    "+": ["{name} has {a} {item}s and gets {b} more. How many {item}s does {name} have now?",
-          "What is {a} plus {b}?"],
-    "-": ["{name} has {a} {item}s and gives away {b}. How many {item}s are left?",
-          "What is {a} minus {b}?"],
-}
-ZH_TEMPLATES = {
-    "+": ["{name}有{a}个{item}，又得到{b}个。{name}现在有多少个{item}？", "{a}加{b}等于多少？"],
-    "-": ["{name}有{a}个{item}，送出了{b}个。还剩多少个{item}？", "{a}减{b}等于多少？"],
-}
-EN_NAMES, EN_ITEMS = ["Tom", "Anna", "Li Lei", "Sara"], ["apple", "book", "pen", "coin"]
-ZH_NAMES, ZH_ITEMS = ["小明", "小红", "李雷", "王芳"], ["苹果", "书", "笔", "硬币"]
-SLIPS = ("ones+1", "ones-1", "tens+1", "tens-1", "carry")  # a rejected reply's one mistake
-WRITERS_FORGET = {"+": 0.6, "-": 0.7}  # the share of carries (borrows) that written replies forget
-
-
-class ArithmeticTask:
-    """Deterministic, verifiable word problems in English and Chinese: a + b and a - b with
-    a, b < 100 (a >= b).
-
-    The reply works in columns, ones first, and ends with the number:
-        "48 + 27: 8 + 7 = 15, 4 + 2 + 1 = 7. The answer is 75."
-        "52 - 17: 12 - 7 = 5, 5 - 1 - 1 = 3。答案是35。"
-    so every token of the answer is a one-digit fact or a copy: a 3M-parameter model learns the
-    column method in minutes, while with the bare "48 + 27 = 75" (the carry decided before the
-    ones are written) it got 1.6% of held-out problems right after the same training (README).
-    Held-out problems: every (op, a, b) whose hash puts it in 1 of 8 buckets is used only for
-    evaluation, so eval measures the learned method, not recall.
-    Written text (pretraining documents, SFT demonstrations) is right but for one habit of its
-    writers: they forget the carry into the tens column in `forget[op]` of the problems that need
-    one ("28 + 85: 8 + 5 = 13, 2 + 8 = 10. The answer is 103."), so imitation learns to forget it.
-    What knows better: the preference pairs, whose chosen reply is right and whose rejected reply
-    makes one mistake (`mistake`, often that very slip), and GRPO's exact-match reward.
-    Scoring extracts the last integer: exact match = 1.
-    """
-
-    def __init__(self, seed: int = 0, forget: dict = WRITERS_FORGET):
-        self.seed, self.forget = seed, forget
-
-    @staticmethod
-    def needs_carry(op: str, a: int, b: int) -> bool:
-        return a % 10 + b % 10 > 9 if op == "+" else a % 10 < b % 10
-
-    @staticmethod
-    def is_heldout(op: str, a: int, b: int) -> bool:
-        return (a * 131 + b * 17 + "+-".index(op) * 7) % 8 == 0
-
-    @staticmethod
-    def solve(op: str, a: int, b: int) -> int:
-        return a + b if op == "+" else a - b
-
-    def _problem(self, rng: random.Random, heldout: bool):
-        while True:
-            op, a, b = rng.choice("+-"), rng.randrange(100), rng.randrange(100)
-            if op == "-" and b > a:
-                a, b = b, a
-            if self.is_heldout(op, a, b) == heldout:
-                break
-        zh = rng.random() < 0.5
-        templates, names, items = (ZH_TEMPLATES, ZH_NAMES, ZH_ITEMS) if zh else (EN_TEMPLATES, EN_NAMES, EN_ITEMS)
-        question = rng.choice(templates[op]).format(name=rng.choice(names), item=rng.choice(items), a=a, b=b)
-        return question, op, a, b, zh
-
-    @staticmethod
-    def working(op: str, a: int, b: int, slip: str = "") -> tuple:
-        """(text, answer) of the column method, with one SLIPS mistake carried into the answer:
-        ones column, then tens column with the carry (+ 1) or borrow (- 1). The "carry" slip
-        forgets it there: "8 + 5 = 13, 2 + 8 = 10" (103), "13 - 4 = 9, 9 - 8 = 1" (19)."""
-        (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
-        sign = 1 if op == "+" else -1
-        carry = int(ArithmeticTask.needs_carry(op, a, b))
-        top = a0 + 10 * carry if op == "-" else a0  # a borrow lends the ones column 10
-        ones = top + sign * b0 + (slip == "ones+1") - (slip == "ones-1")
-        carry *= slip != "carry"
-        tens = a1 + sign * (b1 + carry) + (slip == "tens+1") - (slip == "tens-1")
-        with_carry = f" {op} 1" if carry else ""
-        return f"{a} {op} {b}: {top} {op} {b0} = {ones}, {a1} {op} {b1}{with_carry} = {tens}", tens * 10 + ones % 10
-
-    @staticmethod
-    def reply(op: str, a: int, b: int, zh: bool, slip: str = "") -> str:
-        text, answer = ArithmeticTask.working(op, a, b, slip)
-        return f"{text}。答案是{answer}。" if zh else f"{text}. The answer is {answer}."
-
-    @staticmethod
-    def mistake(rng: random.Random, op: str, a: int, b: int) -> tuple:
-        """(a', b', slip) for a rejected reply: where the problem has a carry (or borrow), half the
-        time the writers' own slip, forgetting it; else half the time one digit of an operand
-        misread, else one of SLIPS in the columns; the answer changes and nothing goes negative."""
-        if ArithmeticTask.needs_carry(op, a, b) and rng.random() < 0.5:
-            return a, b, "carry"
-        right = ArithmeticTask.solve(op, a, b)
-        while True:
-            operands, slip = [a, b], ""
-            if rng.random() < 0.5:
-                k = rng.randrange(2)
-                digits = list(str(operands[k]))
-                digits[rng.randrange(len(digits))] = str(rng.randrange(10))
-                operands[k] = int("".join(digits))
-            else:
-                slip = rng.choice(SLIPS)
-            text, answer = ArithmeticTask.working(op, *operands, slip)
-            if answer != right and "= -" not in text and not (op == "-" and operands[1] > operands[0]):
-                return (*operands, slip)
-
-    def records(self, kind: str, n: int, split: str = "train") -> list:
-        """n JSONL-style records for one stage: seq {"text"}, sft {"messages"},
-        dpo {"messages", "chosen", "rejected"}, grpo/eval {"messages", "answer"}."""
-        rng = random.Random(f"{self.seed}-{kind}-{split}")
-        out = []
-        for _ in range(n):
-            q, op, a, b, zh = self._problem(rng, heldout=split == "eval")
-            good = self.reply(op, a, b, zh)
-            prompt = [{"role": "user", "content": q}]
-            if kind in ("seq", "sft"):  # written by people, who forget some carries
-                forgot = self.needs_carry(op, a, b) and rng.random() < self.forget[op]
-                written = self.reply(op, a, b, zh, "carry" if forgot else "")
-                out.append({"text": f"{q}\n{written}"} if kind == "seq" else
-                           {"messages": prompt + [{"role": "assistant", "content": written}]})
-            elif kind == "dpo":
-                a2, b2, slip = self.mistake(rng, op, a, b)
-                bad = self.reply(op, a2, b2, zh, slip)
-                out.append({"messages": prompt, "chosen": good, "rejected": bad})
-            elif kind == "grpo":
-                out.append({"messages": prompt, "answer": str(self.solve(op, a, b))})
-            else:
-                raise ValueError(f"unknown record kind {kind!r}")
-        return out
-
-    @staticmethod
-    def score(completion: str, answer: str) -> float:
-        """1.0 if the last integer in the completion equals the answer, else 0.0."""
-        import re
-        numbers = re.findall(r"-?\d+", completion)
-        return float(bool(numbers) and numbers[-1] == answer.strip())
-
-
-# -----------------------------------------------------------------------------
 
 def main():
-    p = argparse.ArgumentParser(description="Prepare HDF5 training data, or write the built-in task as JSONL.")
+    p = argparse.ArgumentParser(description="Prepare HDF5 training data (the built-in task's JSONL: task.py).")
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare", help="tokenize a .jsonl or .txt file into HDF5")
     pp.add_argument("--kind", required=True, choices=sorted(KINDS))
@@ -570,35 +426,19 @@ def main():
     pp.add_argument("--tokenizer", required=True, help="tokenizer directory or tokenizer.json")
     pp.add_argument("--out", required=True, help="output .h5 file (or folder with --shard-tokens)")
     pp.add_argument("--shard-tokens", type=int, default=0, help="start a new shard after this many tokens")
-    pt = sub.add_parser("task", help="write the built-in arithmetic task as JSONL files")
-    pt.add_argument("--out", required=True, help="output folder")
-    pt.add_argument("--n", type=int, default=20000, help="records per training stage")
-    pt.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-
-    if args.cmd == "prepare":
-        import tokenizer
-        if not os.path.isfile(args.input):
-            sys.exit(f"error: --input {args.input} does not exist")
-        try:
-            tok = tokenizer.load(args.tokenizer)
-        except (ValueError, OSError, ImportError) as e:
-            sys.exit(f"error: --tokenizer: {e}")
-        try:
-            paths = prepare(args.kind, _read_records(args.input), tok, args.out, args.shard_tokens)
-        except ValueError as e:
-            sys.exit(f"error: {args.input}: {e}")
-        print(f"wrote {len(paths)} file(s): {', '.join(paths)}")
-    else:
-        os.makedirs(args.out, exist_ok=True)
-        task = ArithmeticTask(args.seed)
-        for kind, split, n in [("seq", "train", args.n), ("sft", "train", args.n), ("dpo", "train", args.n),
-                               ("grpo", "train", args.n), ("grpo", "eval", 500)]:
-            name = os.path.join(args.out, f"{kind if split == 'train' else 'eval'}.jsonl")
-            with open(name, "w", encoding="utf-8") as f:
-                for rec in task.records(kind, n, split):
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            print(f"wrote {name}")
+    import tokenizer
+    if not os.path.isfile(args.input):
+        sys.exit(f"error: --input {args.input} does not exist")
+    try:
+        tok = tokenizer.load(args.tokenizer)
+    except (ValueError, OSError, ImportError) as e:
+        sys.exit(f"error: --tokenizer: {e}")
+    try:
+        paths = prepare(args.kind, _read_records(args.input), tok, args.out, args.shard_tokens)
+    except ValueError as e:
+        sys.exit(f"error: {args.input}: {e}")
+    print(f"wrote {len(paths)} file(s): {', '.join(paths)}")
 
 
 if __name__ == "__main__":
