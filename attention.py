@@ -31,7 +31,6 @@ Left out: sliding windows, ALiBi, paged-attention kernels that read blocks in pl
 """
 
 import math
-from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Optional
 
@@ -180,7 +179,7 @@ class PagedKVCache:
     """Per layer, a pool of num_blocks * block_size token slots (vLLM's PagedAttention, Kwon et al.
     2023, in plain PyTorch). A sequence's tokens live in the blocks of its block table: its token at
     position p sits in slot table[p // block_size] * block_size + p % block_size. Which blocks
-    belong to whom is the engine's business; the cache only holds the numbers.
+    belong to whom is scheduler.py's business; the cache only holds the numbers.
 
     GQA layers store k and v, each (slots, Hkv, D); MLA layers store the normalised latent
     (slots, R) and the rotated shared rope key (slots, Dr).
@@ -198,6 +197,12 @@ class PagedKVCache:
     @property
     def bytes_per_block(self) -> int:
         return self.nbytes() // self.num_blocks
+
+    def copy_slots(self, src: int, dst: int, n: int):
+        """Slots src..src+n into dst..dst+n, in every layer (a block copied on write)."""
+        for bufs in self.layers:
+            for buf in bufs:
+                buf[dst:dst + n] = buf[src:src + n]
 
 
 @dataclass
@@ -237,113 +242,6 @@ class KVBatch:
             buf.index_copy_(0, self.write.flatten(), x.flatten(0, 1).to(buf.dtype))
             out.append(buf.index_select(0, self.read.flatten()).view(B, S, *buf.shape[1:]))
         return out
-
-
-# -----------------------------------------------------------------------------
-# Blocks: allocation, prefix sharing, eviction
-
-class BlockManager:
-    """Which KV blocks are free, which sequence holds which, and what the full ones hold.
-
-    A full block's identity is hash((previous block's identity, its token ids)), so two blocks with
-    the same identity hold the same keys and values: sequences share them, counting references.
-    A block nobody references keeps its contents and identity, on an LRU list, until its memory is
-    needed: a prompt seen again (a system prompt, a GRPO group, the n choices of a request) is found
-    there. Block 0 of the pool is scratch, never handed out: padding positions write there.
-
-        seq A: [ 1 | 2 | 5 ]        blocks 1, 2 hold A's prompt; 5 its own continuation
-        seq B: [ 1 | 2 | 7 ]        B has the same first 32 prompt tokens: it shares 1 and 2
-    """
-
-    def __init__(self, num_blocks, block_size):
-        self.size = block_size
-        self.refs = [0] * (num_blocks + 1)
-        self.identity = [None] * (num_blocks + 1)
-        self.by_identity = {}
-        self.free = deque(range(1, num_blocks + 1))  # empty blocks
-        self.cached = OrderedDict()  # unreferenced blocks that keep their contents, least recently used first
-        self.hits = self.saved_tokens = 0
-
-    def available(self) -> int:
-        return len(self.free) + len(self.cached)
-
-    def used(self) -> int:
-        return len(self.refs) - 1 - self.available()
-
-    def match_prefix(self, seq) -> int:
-        """Give seq the cached blocks that hold the start of its context (up to seq.target tokens);
-        how many tokens they cover."""
-        bs, identity = self.size, None
-        for i in range(seq.target // bs):
-            identity = hash((identity, tuple(seq.context(i * bs, (i + 1) * bs))))
-            block = self.by_identity.get(identity)
-            if block is None:
-                break
-            self.share(block)
-            seq.blocks.append(block)
-            seq.hashes.append(identity)
-        self.hits += len(seq.blocks)
-        self.saved_tokens += len(seq.blocks) * bs
-        return len(seq.blocks) * bs
-
-    def grow(self, seq, tokens) -> bool:
-        """Blocks for seq's first `tokens` tokens; False, taking none, if there are not enough."""
-        need = -(-tokens // self.size) - len(seq.blocks)
-        if need > self.available():
-            return False
-        seq.blocks += [self.take() for _ in range(need)]
-        return True
-
-    def commit(self, seq):
-        """Give an identity to each block of seq that its cached tokens have filled."""
-        bs = self.size
-        while (len(seq.hashes) + 1) * bs <= seq.cached:
-            i = len(seq.hashes)
-            identity = hash((seq.hashes[-1] if i else None, tuple(seq.context(i * bs, (i + 1) * bs))))
-            seq.hashes.append(identity)
-            block = seq.blocks[i]
-            if identity not in self.by_identity and self.identity[block] is None:
-                self.by_identity[identity], self.identity[block] = block, identity
-
-    def release(self, seq):
-        for block in seq.blocks:
-            self.unshare(block)
-        seq.blocks, seq.hashes = [], []
-
-    def unshare(self, block):
-        """One holder fewer; an unheld block stays cached if it has an identity, else it is free."""
-        self.refs[block] -= 1
-        if self.refs[block] == 0:
-            if self.identity[block] is None:
-                self.free.append(block)
-            else:
-                self.cached[block] = None
-
-    def share(self, block):
-        """One more sequence holds block."""
-        if self.refs[block] == 0:
-            del self.cached[block]
-        self.refs[block] += 1
-
-    def forget(self):
-        """Drop every identity, so nothing cached is matched again: after the weights change, the
-        keys and values cached blocks hold are stale. Unheld cached blocks become free; held ones
-        are freed when released. Between requests only: a running sequence's blocks are stale too."""
-        self.free.extend(self.cached)
-        self.cached.clear()
-        self.by_identity.clear()
-        self.identity = [None] * len(self.identity)
-
-    def take(self) -> int:
-        """A block for new contents: a free one, else the least recently used cached one."""
-        if self.free:
-            block = self.free.popleft()
-        else:  # evict the least recently used cached block
-            block, _ = self.cached.popitem(last=False)
-            del self.by_identity[self.identity[block]]
-            self.identity[block] = None
-        self.refs[block] = 1
-        return block
 
 
 # -----------------------------------------------------------------------------

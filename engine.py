@@ -1,4 +1,4 @@
-"""Inference engine: continuous batching over a paged KV cache.
+"""Inference engine: continuous batching over a paged KV cache, on one engine thread.
 
     engine = InferenceEngine(model, tok, max_batch_size=8)             # or InferenceEngine.from_pretrained(dir)
     req = engine.submit("Once upon a time", SamplingParams(max_tokens=64, temperature=0.8, seed=1))
@@ -7,35 +7,18 @@
     out = req.result()                                                # .text .token_ids .finish_reason .usage
     outs = engine.generate(prompts, SamplingParams(n=8, logprobs=True))  # offline batches, GRPO rollouts
 
-The KV cache is a pool of fixed-size blocks (vLLM's PagedAttention, Kwon et al.
-2023): each sequence holds a block table, blocks are taken as its tokens
-arrive, full blocks are identified by a hash of their content and prefix and
-shared between sequences (BlockManager). One scheduler thread owns the model
-and the cache; each step it
+Callers' threads hand sequences to the engine thread through one locked inbox; that thread owns
+the model, the cache and the scheduler (scheduler.py: who runs, which blocks they hold). Each
+step it runs the scheduler's plan: one (B, 1) decode forward for every sequence past its prompt,
+one forward over a budget of prefill chunks, then sample.sample on every row that reached the
+end of its context, and pushes whole characters of text to each request's queue, checking stops.
+A batch that fails is rerun row by row, so only the failing request sees the error.
 
-  1. admits waiting sequences while the batch has room and blocks for their
-     prompt remain (new requests join between decode steps);
-  2. runs one batched decode forward, (B, 1) new tokens, for every sequence
-     past its prompt, each row at its own position; when blocks run out, the
-     newest sequence is preempted and recomputed later;
-  3. runs one prefill forward over prompt chunks whose padded size (B * T) is
-     at most max_prefill_tokens, so a long prompt is spread over several
-     steps instead of stalling everyone's decoding (chunked prefill, as in
-     Sarathi-Serve, Agrawal et al. 2024);
-  4. samples every row at once from a number fixed by (seed, position), so a
-     seed gives the same text whatever else is in the batch; detokenizes,
-     checks stops and pushes text to the request's queue. Finished and
-     aborted sequences give their blocks back at once.
+`generate_reference` is the readable path (greedy, no cache, the whole sequence through the
+model per token); tests hold the engine to it.
 
-Sampling settings, their validation and the draw itself live in sampling.py.
-Reported logprobs are the model's raw distribution (log_softmax before
-penalties and temperature), as OpenAI reports them.
-
-`generate_reference` is the readable version (greedy, no cache, the whole
-sequence through the model per token); tests hold the engine to it.
-
-Left out: CUDA graphs, a paged-attention kernel (rows' keys are gathered,
-then SDPA), speculative decoding, beam search.
+Left out: CUDA graphs, a paged-attention kernel (rows' keys are gathered, then SDPA),
+speculative decoding, beam search.
 
     python engine.py --model runs/demo/step_000100 --prompt "Hello" --max-tokens 64
     python engine.py --model DIR --chat
@@ -44,7 +27,6 @@ then SDPA), speculative decoding, beam search.
 import atexit
 import itertools
 import queue
-import secrets
 import sys
 import threading
 import time
@@ -56,9 +38,10 @@ from typing import Optional
 
 import torch
 
-from attention import BlockManager, KVBatch
-from sampling import (DEFAULTS_FROM_MODEL, RequestError, SamplingParams, apply_penalties, draw, filter_logits,
-                      find_stop, held_back, is_int, is_num, need, uniform)
+from attention import KVBatch
+from sampling import (DEFAULTS_FROM_MODEL, RequestError, SamplingParams, find_stop, held_back, is_int, is_num, need,
+                      sample)
+from scheduler import BlockManager, Scheduler, Sequence
 from tokenizer import StreamDecoder
 
 # -----------------------------------------------------------------------------
@@ -70,13 +53,6 @@ class EngineError(RuntimeError):
 
 # -----------------------------------------------------------------------------
 # What callers get back
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list  # [(token_id, logprob)], best first; empty unless top_logprobs > 0
-
 
 @dataclass
 class Delta:
@@ -238,45 +214,8 @@ class _Output:
         return d
 
 
-class _Sequence:
-    """One choice of one request, as the scheduler tracks it."""
-
-    def __init__(self, request, index, tokenizer, leader=None):
-        p = request.params
-        self.request, self.index, self.params, self.leader = request, index, p, leader
-        self.prompt, self.max_tokens = request.prompt_ids, request.max_tokens
-        self.seed = (p.seed if p.seed is not None else secrets.randbits(63)) + index  # choice i: seed + i
-        self.tokens, self.logprobs = [], ([] if p.logprobs else None)
-        self.blocks, self.hashes = [], []  # block table; identities of its full blocks
-        self.cached = 0  # tokens of prompt + tokens whose keys and values are in the cache
-        self.out = _Output(tokenizer, p.stop)
-
-    def context(self, start=0, end=None) -> list:
-        """Tokens start..end of prompt + generated tokens."""
-        n = len(self.prompt)
-        end = n + len(self.tokens) if end is None else end
-        return (self.prompt[start:end] if start < n else []) + self.tokens[max(start - n, 0):max(end - n, 0)]
-
-    @property
-    def target(self) -> int:
-        """Tokens to have in the cache before the next decode step: the prompt (the first token is
-        sampled at its end), or, after a preemption, everything but the last generated token."""
-        return len(self.prompt) + max(len(self.tokens) - 1, 0)
-
-    @property
-    def decoding(self) -> bool:
-        return bool(self.tokens) and self.cached == self.target
-
-    @property
-    def ready(self) -> bool:
-        """A request's other choices wait until its first has prefilled the prompt, then find the
-        prompt's blocks in the prefix cache instead of computing them again."""
-        lead = self.leader
-        return lead is None or lead.cached >= len(lead.prompt) or lead.request.gone
-
-
 # -----------------------------------------------------------------------------
-# The engine
+# Building an engine: the KV pool's size, the model's own defaults
 
 # Live engines, closed at interpreter exit: a daemon thread torn down inside a torch
 # op (exiting mid-generation without close()) aborts the process with std::terminate.
@@ -284,81 +223,91 @@ _live_engines = weakref.WeakSet()
 atexit.register(lambda: [e.close() for e in list(_live_engines)])
 
 
+def pool_blocks(model, max_batch_size, max_seq_len, kv_cache_gb, block_size, device) -> int:
+    """KV blocks for kv_cache_gb GiB, by default enough for max_batch_size sequences at max_seq_len
+    (at most 4 GiB on CPU, half the free memory of a GPU); at least one whole sequence's worth."""
+    per_block = model.make_cache(1, block_size, device="meta").nbytes()
+    per_seq = -(-max_seq_len // block_size)
+    if kv_cache_gb is None:
+        budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 4 << 30
+        blocks = min(max_batch_size * per_seq, budget // per_block)
+    elif not (is_num(kv_cache_gb) and kv_cache_gb > 0):
+        raise ValueError(f"kv_cache_gb must be a number > 0, got {kv_cache_gb!r}")
+    else:
+        blocks = int(kv_cache_gb * 2**30) // per_block
+    if blocks < per_seq:
+        raise ValueError(f"a KV cache of {blocks} blocks ({blocks * per_block:,} bytes) cannot hold one "
+                         f"{max_seq_len}-token sequence ({per_seq} blocks of {block_size}); give it "
+                         f"more memory (kv_cache_gb) or lower max_seq_len")
+    return blocks
+
+
+def check_sizes(cfg, tokenizer, max_batch_size, max_seq_len, max_prefill_tokens, block_size):
+    for name, value in (("max_batch_size", max_batch_size), ("max_prefill_tokens", max_prefill_tokens),
+                        ("block_size", block_size)):
+        if not (is_int(value) and value >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not (is_int(max_seq_len) and 2 <= max_seq_len <= cfg.max_position_embeddings):
+        raise ValueError(f"max_seq_len must be in [2, {cfg.max_position_embeddings}] (the model's "
+                         f"max_position_embeddings), got {max_seq_len!r}")
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{cfg.vocab_size}: they do not belong together")
+
+
+def model_defaults(model, tokenizer):
+    """(stop ids, sampling defaults) from the model's generation_config.json, read as vLLM reads it:
+    its eos_token_id (an int or a list) stops generation beside the tokenizer's stop tokens, and its
+    temperature, top_p, top_k, min_p and repetition_penalty are the defaults of sampling_params()."""
+    gen, cfg = getattr(model, "generation_config", {}), model.config
+    eos = gen.get("eos_token_id", cfg.eos_token_id)
+    stop_ids = set(tokenizer.stop_ids) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    defaults = {k: gen[k] for k in DEFAULTS_FROM_MODEL if gen.get(k) is not None}
+    try:
+        SamplingParams(**defaults)
+    except RequestError as e:
+        raise ValueError(f"generation_config.json: {e}") from None
+    return stop_ids, defaults
+
+
+# -----------------------------------------------------------------------------
+# The engine: the request API and the engine thread
+
 class InferenceEngine:
     def __init__(self, model, tokenizer, max_batch_size=8, max_seq_len=None, max_prefill_tokens=512,
                  kv_cache_gb=None, block_size=16):
-        """max_batch_size: sequences decoded together. kv_cache_gb: the KV pool's size (default:
-        enough for max_batch_size sequences at max_seq_len, at most 4 GiB on CPU or half the free
-        memory of a GPU). The model's generation_config (generation_config.json of its directory)
-        is read as vLLM reads it: its eos_token_id (an int or a list) stops generation, and its
-        temperature, top_p, top_k, min_p and repetition_penalty are the defaults of sampling_params()."""
+        """max_batch_size: sequences decoded together. kv_cache_gb: the KV pool's size (pool_blocks).
+        Stops and sampling defaults come from the model's generation_config (model_defaults)."""
         cfg = model.config
         max_seq_len = max_seq_len or cfg.max_position_embeddings
-        for name, value, low in (("max_batch_size", max_batch_size, 1), ("max_prefill_tokens", max_prefill_tokens, 1),
-                                 ("block_size", block_size, 1)):
-            if not (is_int(value) and value >= low):
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not (is_int(max_seq_len) and 2 <= max_seq_len <= cfg.max_position_embeddings):
-            raise ValueError(f"max_seq_len must be in [2, {cfg.max_position_embeddings}] (the model's "
-                             f"max_position_embeddings), got {max_seq_len!r}")
-        if tokenizer.vocab_size > cfg.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                             f"{cfg.vocab_size}: they do not belong together")
+        check_sizes(cfg, tokenizer, max_batch_size, max_seq_len, max_prefill_tokens, block_size)
         self.model, self.tokenizer = model, tokenizer  # no .eval(): the caller may be training it (GRPO)
-        self.max_batch_size, self.max_seq_len, self.max_prefill_tokens = max_batch_size, max_seq_len, max_prefill_tokens
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.device = next(model.parameters()).device
-        num_blocks = self._pool_blocks(kv_cache_gb, block_size)
-        self.cache = model.make_cache(num_blocks + 1, block_size)  # + block 0, the scratch block
-        self.blocks = BlockManager(num_blocks, block_size)
-        gen = getattr(model, "generation_config", {})
-        eos = gen.get("eos_token_id", cfg.eos_token_id)
-        self.stop_ids = set(tokenizer.stop_ids) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.sampling_defaults = {k: gen[k] for k in DEFAULTS_FROM_MODEL if gen.get(k) is not None}
-        try:
-            SamplingParams(**self.sampling_defaults)
-        except RequestError as e:
-            raise ValueError(f"generation_config.json: {e}") from None
-        self._waiting, self._running = deque(), []
+        blocks = pool_blocks(model, max_batch_size, max_seq_len, kv_cache_gb, block_size, self.device)
+        self.cache = model.make_cache(blocks + 1, block_size)  # + block 0, the scratch block
+        self.scheduler = Scheduler(BlockManager(self.cache), max_batch_size, max_prefill_tokens)
+        self.stop_ids, self.sampling_defaults = model_defaults(model, tokenizer)
+        # What other threads hand the engine thread, under _cv: new sequences, a prefix-cache reset.
+        self._inbox, self._forget, self._forgotten = deque(), False, threading.Event()
         self._cv = threading.Condition()
         self._closed = False
         self._perf = {"prefill": deque(maxlen=64), "decode": deque(maxlen=64)}  # (tokens, seconds) per step
         self._ttft = deque(maxlen=100)
         self._counters = {"requests_finished": 0, "requests_aborted": 0, "requests_failed": 0, "tokens_generated": 0,
-                          "prefill_tokens": 0, "preemptions": 0}
+                          "prefill_tokens": 0}
         self._thread = threading.Thread(target=self._loop, name="engine-scheduler", daemon=True)
         self._thread.start()
         _live_engines.add(self)
 
-    def _pool_blocks(self, kv_cache_gb, block_size) -> int:
-        per_block = self.model.make_cache(1, block_size, device="meta").nbytes()
-        per_seq = -(-self.max_seq_len // block_size)
-        if kv_cache_gb is None:
-            if self.device.type == "cuda":
-                budget = torch.cuda.mem_get_info(self.device)[0] // 2
-            else:
-                budget = 4 << 30
-            blocks = min(self.max_batch_size * per_seq, budget // per_block)
-        elif not (is_num(kv_cache_gb) and kv_cache_gb > 0):
-            raise ValueError(f"kv_cache_gb must be a number > 0, got {kv_cache_gb!r}")
-        else:
-            blocks = int(kv_cache_gb * 2**30) // per_block
-        if blocks < per_seq:
-            raise ValueError(f"a KV cache of {blocks} blocks ({blocks * per_block:,} bytes) cannot hold one "
-                             f"{self.max_seq_len}-token sequence ({per_seq} blocks of {block_size}); give it "
-                             f"more memory (kv_cache_gb) or lower max_seq_len")
-        return blocks
-
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, **kwargs):
-        """Model (with its generation_config.json) and tokenizer from one model directory,
-        or a run directory's latest checkpoint. dtype None: float32 on CPU (bf16 matmuls
-        are slow on most CPUs; ask for bfloat16 to halve weights and KV cache), the
-        checkpoint's own dtype elsewhere."""
-        import checkpoint
+        """Model (with its generation_config.json) and tokenizer from one model directory.
+        dtype None: float32 on CPU (bf16 matmuls are slow on most CPUs; ask for bfloat16 to halve
+        weights and KV cache), the checkpoint's own dtype elsewhere."""
         import tokenizer as tokenizer_module
         from model import Transformer
 
-        path = checkpoint.resolve(path)
         if dtype is None and torch.device(device or "cpu").type == "cpu":
             dtype = torch.float32
         return cls(Transformer.from_pretrained(path, device=device, dtype=dtype), tokenizer_module.load(path),
@@ -377,34 +326,41 @@ class InferenceEngine:
         return (f"KV cache {size} ({n:,} bytes, {dtype}): {blocks} blocks of {self.cache.block_size} tokens "
                 f"({blocks * self.cache.block_size:,} tokens) for up to {self.max_batch_size} sequences")
 
-    # -- submitting -------------------------------------------------------------
+    # -- the request API (any thread) --------------------------------------------
 
     def submit(self, prompt, params=None) -> Request:
         """Queue a prompt (str, encoded with special tokens as plain text, or a list of
         token ids). Raises RequestError at once if it cannot run as asked."""
         params = params or self.sampling_params()
-        ids = self._prompt_ids(prompt)
+        ids = prompt_ids(self.tokenizer, prompt, self.model.config.vocab_size)
         V = self.model.config.vocab_size
         bad = next((i for i in params.stop_token_ids if i >= V), None)
         need(bad is None, "stop_token_ids", f"token id {bad} is outside the vocabulary [0, {V})")
         need(params.n <= self.max_batch_size, "n", f"{params.n} choices but this engine decodes at most "
               f"{self.max_batch_size} sequences at once; ask for at most {self.max_batch_size} (--max-batch-size)")
-        request = Request(ids, params, self._max_tokens(len(ids), params), self._wake)
-        first = _Sequence(request, 0, self.tokenizer)
-        sequences = [first] + [_Sequence(request, i, self.tokenizer, leader=first) for i in range(1, params.n)]
+        request = Request(ids, params, max_new_tokens(self.max_seq_len, len(ids), params), self._wake)
+        first = Sequence(request, 0, _Output(self.tokenizer, params.stop))
+        sequences = [first] + [Sequence(request, i, _Output(self.tokenizer, params.stop), leader=first)
+                               for i in range(1, params.n)]
         with self._cv:
             if self._closed:
                 raise EngineError("the engine is closed")
-            self._waiting.extend(sequences)
+            self._inbox.extend(sequences)
             self._cv.notify()
         return request
 
     def reset_prefix_cache(self):
-        """Forget every cached prefix. Call it after changing the model's weights, with no request
-        running (GRPO does after each optimizer step): later requests would otherwise reuse keys and
-        values the old weights computed, and sample from neither the old policy nor the new one."""
+        """Forget every cached prefix (done by the engine thread between steps; returns once done).
+        Call it after changing the model's weights, with no request running (GRPO does after each
+        optimizer step): later requests would otherwise reuse keys and values the old weights
+        computed, and sample from neither the old policy nor the new one."""
         with self._cv:
-            self.blocks.forget()
+            self._forget = True
+            self._forgotten.clear()
+            self._cv.notify()
+        while not self._forgotten.wait(0.1):
+            if not self._thread.is_alive():
+                return self.scheduler.blocks.forget()  # a closed engine: nobody else touches the blocks
 
     def chat_prompt(self, messages) -> list:
         """Prompt ids for [{"role", "content"}, ...] through the model's chat template
@@ -425,41 +381,8 @@ class InferenceEngine:
             for r in requests:
                 r.abort()  # no-op for finished ones; stops the rest if we are leaving on an error
 
-    def _prompt_ids(self, prompt):
-        if isinstance(prompt, str):
-            try:
-                ids = self.tokenizer.encode(prompt)
-            except ValueError as e:  # e.g. a lone surrogate ("\ud800" is valid JSON, not valid UTF-8)
-                raise RequestError(f"prompt: cannot be encoded: {e}", "prompt") from None
-        elif isinstance(prompt, (list, tuple)) and all(is_int(i) for i in prompt):
-            ids, V = list(prompt), self.model.config.vocab_size
-            bad = next((i for i in ids if not 0 <= i < V), None)
-            need(bad is None, "prompt", f"token id {bad} is outside the vocabulary [0, {V})")
-        else:
-            raise RequestError("prompt: must be a string or a list of token ids", "prompt")
-        need(len(ids) > 0, "prompt", "is empty; give at least one token to continue from")
-        return ids
-
-    def _max_tokens(self, prompt_len, params):
-        """The number of tokens the request may generate; never silently less than asked."""
-        room = self.max_seq_len - prompt_len
-        need(room >= 1, "prompt", f"has {prompt_len} tokens but the context is {self.max_seq_len} tokens; "
-              f"shorten it by at least {1 - room} tokens so one can be generated")
-        if params.max_tokens is None:
-            return room
-        need(params.max_tokens <= room, "max_tokens",
-              f"{params.max_tokens} is {params.max_tokens - room} more than the context allows: the prompt "
-              f"has {prompt_len} tokens and the context is {self.max_seq_len}, so ask for at most {room}")
-        return params.max_tokens
-
-    # -- lifecycle and stats ----------------------------------------------------
-
-    def _wake(self):
-        with self._cv:
-            self._cv.notify()
-
     def close(self, timeout=5.0):
-        """Abort everything, stop the scheduler thread."""
+        """Abort everything, stop the engine thread."""
         with self._cv:
             self._closed = True
             self._cv.notify()
@@ -478,211 +401,101 @@ class InferenceEngine:
             steps = list(self._perf[kind])
             seconds = sum(s for _, s in steps)
             return round(sum(n for n, _ in steps) / seconds, 1) if seconds else 0.0
-        ttft = list(self._ttft)
-        b = self.blocks
-        with self._cv:
-            running = sum(1 for s in list(self._running) if s.blocks)  # a finished one gave its blocks back first
-            out = {"waiting": len(self._waiting), "running": running, "free_slots": self.max_batch_size - running}
-        return {**out, "max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,
-                "kv_cache_bytes": self.cache.nbytes(), "block_size": b.size, "blocks_total": len(b.refs) - 1,
-                "blocks_used": b.used(), "blocks_cached": len(b.cached), "prefix_cache_hits": b.hits,
-                "prefill_tokens_saved": b.saved_tokens, "prefill_tokens_per_s": rate("prefill"),
-                "decode_tokens_per_s": rate("decode"),
-                "time_to_first_token_s": round(sum(ttft) / len(ttft), 4) if ttft else None, **self._counters}
+        ttft, s, b = list(self._ttft), self.scheduler, self.scheduler.blocks
+        running = sum(1 for q in list(s.running) if q.blocks)  # a finished one gave its blocks back first
+        return {"waiting": len(s.waiting) + len(self._inbox), "running": running,
+                "free_slots": self.max_batch_size - running, "max_batch_size": self.max_batch_size,
+                "max_seq_len": self.max_seq_len, "kv_cache_bytes": self.cache.nbytes(), "block_size": b.size,
+                "blocks_total": b.total, "blocks_used": b.used(), "blocks_cached": len(b.cached),
+                "prefix_cache_hits": b.hits, "prefill_tokens_saved": b.saved_tokens,
+                "prefill_tokens_per_s": rate("prefill"), "decode_tokens_per_s": rate("decode"),
+                "time_to_first_token_s": round(sum(ttft) / len(ttft), 4) if ttft else None,
+                **self._counters, "preemptions": s.preemptions}
 
-    # -- the scheduler thread ---------------------------------------------------
+    def _wake(self):
+        with self._cv:
+            self._cv.notify()
+
+    # -- the engine thread ---------------------------------------------------------
 
     def _loop(self):
         with torch.inference_mode():
-            while True:
-                with self._cv:
-                    while not (self._waiting or self._running or self._closed):
-                        self._cv.wait()
-                    if self._closed:
-                        break
+            while self._take_inbox():
                 try:
                     self._step()
                 except Exception as e:  # the thread must outlive any one batch: fail it, keep serving
-                    print(f"engine: a step failed; failing its {len(self._running)} running sequences",
+                    print(f"engine: a step failed; failing its {len(self.scheduler.running)} running sequences",
                           file=sys.stderr)
                     traceback.print_exc()
-                    for seq in list(self._running):
+                    for seq in list(self.scheduler.running):
                         self._fail_request(seq.request, e)
-        for seq in list(self._running) + list(self._waiting):
+        for seq in self.scheduler.running + list(self.scheduler.waiting):
             self._finish(seq, "abort")
-        self._waiting.clear()
+
+    def _take_inbox(self) -> bool:
+        """Wait for work; move what other threads handed over into the scheduler. False once closed."""
+        with self._cv:
+            while not (self._inbox or self._forget or self.scheduler.has_work() or self._closed):
+                self._cv.wait()
+            new, forget, self._forget = list(self._inbox), self._forget, False
+            self._inbox.clear()
+        self.scheduler.add(new)
+        if forget:
+            self.scheduler.blocks.forget()
+            self._forgotten.set()
+        return not self._closed
 
     def _step(self):
-        """Drop what was aborted, admit what fits, one decode step for every sequence past its prompt
-        (preempting the newest when blocks run out), one budget of prefill chunks."""
-        self._drop_aborted()
-        self._admit()
-        decoding = self._reserve([s for s in self._running if s.decoding])  # each gets room for one more token
-        if decoding:
-            self._isolated(self._decode, decoding)
-        rows = self._plan_prefill()
-        if rows:
-            self._isolated(self._prefill, rows)
-        self._running = [s for s in self._running if s.blocks]
+        """Plan, one decode forward for every sequence past its prompt, one budget of prefill chunks."""
+        plan = self.scheduler.schedule()
+        for seq in plan.aborted:
+            self._finish(seq, "abort")
+        if plan.decode:
+            self._isolated(plan.decode, "decode")
+        if plan.prefill:
+            self._isolated(plan.prefill, "prefill")
+        self.scheduler.sweep()
 
-    def _isolated(self, phase, rows):
-        """phase(rows); if it raises, each row again alone, so that only the rows that fail by
-        themselves fail (their requests get the error) and the rest go on. A phase changes nothing
+    def _isolated(self, rows, kind):
+        """_run(rows); if it raises, each row again alone, so that only the rows that fail by
+        themselves fail (their requests get the error) and the rest go on. _run changes nothing
         but cache entries it rewrites identically until it has sampled, and sampling is a function
         of (seed, position), so a retried row's output is the same as if the batch had not failed."""
         try:
-            phase(rows)
+            self._run(rows, kind)
         except Exception as e:
             if len(rows) == 1:
-                seq = rows[0][0] if isinstance(rows[0], tuple) else rows[0]
-                print(f"engine: {seq.request.id} failed: {e!r}", file=sys.stderr)
-                return self._fail_request(seq.request, e)
+                print(f"engine: {rows[0][0].request.id} failed: {e!r}", file=sys.stderr)
+                return self._fail_request(rows[0][0].request, e)
             for row in rows:
-                self._isolated(phase, [row])
+                self._isolated([row], kind)
 
-    def _drop_aborted(self):
-        with self._cv:
-            dropped = [s for s in self._waiting if s.request.gone]
-            if dropped:
-                self._waiting = deque(s for s in self._waiting if not s.request.gone)
-        for seq in dropped + [s for s in self._running if s.request.aborted]:
-            self._finish(seq, "abort")
-        self._running = [s for s in self._running if s.blocks]
-
-    def _admit(self):
-        """Waiting sequences, oldest first, while there is a place in the batch and blocks for the
-        whole prompt (less what the prefix cache already holds) plus the first new token."""
-        with self._cv:
-            for seq in [s for s in self._waiting if s.ready]:
-                if len(self._running) >= self.max_batch_size:
-                    break
-                lead = seq.leader
-                if lead is not None and lead.blocks and lead.cached >= len(seq.prompt) and not seq.tokens:
-                    self._fork(seq, lead)
-                else:
-                    seq.cached = self.blocks.match_prefix(seq)
-                if seq.cached == len(seq.prompt) and not seq.tokens and not self._recompute_last(seq):
-                    self.blocks.release(seq)
-                    break
-                if not self.blocks.grow(seq, seq.target + 1):
-                    self.blocks.release(seq)
-                    break
-                self._waiting.remove(seq)
-                self._running.append(seq)
-
-    def _fork(self, seq, lead):
-        """Start another choice from its first choice's prefilled prompt: share the full blocks,
-        copy the keys and values of the partial last one, and leave only the prompt's last token
-        to compute (its logits draw this choice's first token). The n choices of a request, or the
-        G completions of a GRPO prompt, so prefill their prompt once."""
-        bs, keep = self.blocks.size, len(seq.prompt) - 1
-        full = keep // bs
-        for block in lead.blocks[:full]:
-            self.blocks.share(block)
-        seq.blocks, seq.hashes = lead.blocks[:full], lead.hashes[:full]
-        if keep % bs and self.blocks.grow(seq, keep):  # a block of our own for the partial tail
-            self._copy_block(lead.blocks[full], seq.blocks[full], keep % bs)
-        seq.cached = min(keep, len(seq.blocks) * bs)
-        self.blocks.hits += full
-        self.blocks.saved_tokens += seq.cached
-
-    def _recompute_last(self, seq) -> bool:
-        """The whole prompt was found in the cache, but its last token's logits draw the first new
-        token: copy the last (shared) block to one of our own and compute that token again (copy on
-        write: a shared block is never written). False if no block is free."""
-        if not self.blocks.available():
-            return False
-        shared, bs = seq.blocks[-1], self.blocks.size
-        copy = self.blocks.take()
-        self._copy_block(shared, copy, (seq.cached - 1) % bs + 1)
-        seq.blocks[-1] = copy
-        self.blocks.unshare(shared)
-        seq.hashes.pop()
-        seq.cached -= 1
-        self.blocks.saved_tokens -= 1
-        return True
-
-    def _copy_block(self, src, dst, n):
-        """The first n token slots of block src into block dst, in every layer."""
-        bs = self.blocks.size
-        for bufs in self.cache.layers:
-            for buf in bufs:
-                buf[dst * bs:dst * bs + n] = buf[src * bs:src * bs + n]
-
-    def _reserve(self, seqs) -> list:
-        """Room for one more token for each sequence, oldest first. When blocks run out, the
-        newest running sequence is preempted: its blocks are freed and it goes back to the front
-        of the queue, to recompute its prompt and output later (vLLM's "recompute" policy)."""
-        ready = []
-        for seq in seqs:
-            while seq.blocks and not self.blocks.grow(seq, seq.cached + 1):
-                self._preempt(next(s for s in reversed(self._running) if s.blocks))  # the newest admitted
-            if seq.blocks:
-                ready.append(seq)
-        return ready
-
-    def _preempt(self, seq):
-        self.blocks.release(seq)
-        seq.cached = 0
-        self._counters["preemptions"] += 1
-        with self._cv:
-            self._waiting.appendleft(seq)
-
-    def _plan_prefill(self):
-        """[(sequence, chunk length)], FIFO, with padded size rows * T <= max_prefill_tokens.
-
-        Rows are right-padded to the longest chunk T. Padding tokens are written past a row's
-        real tokens (into its own unused slots or the scratch block) and overwritten before
-        anything attends to them."""
-        rows, T, budget = [], 0, self.max_prefill_tokens
-        for s in self._running:
-            todo = s.target - s.cached
-            if todo <= 0 or not s.blocks:
-                continue
-            for c in (min(todo, budget), min(todo, T)):  # as much as fits, else no longer than the others
-                if c > 0 and (len(rows) + 1) * max(T, c) <= budget:
-                    rows.append((s, c))
-                    T = max(T, c)
-                    break
-        return rows
-
-    def _decode(self, seqs):
-        """One new token for each sequence past its prompt: (B, 1) through the model."""
-        t0 = time.perf_counter()
-        positions = [s.cached for s in seqs]  # the last token's position: it is not in the cache yet
-        logits = self._forward(seqs, [[s.tokens[-1]] for s in seqs], positions, [True] * len(seqs))
-        tokens, lps = self._sample(seqs, logits)
-        for s in seqs:
-            s.cached += 1
-            self.blocks.commit(s)
-        self._advance_all(seqs, tokens, lps)
-        self._perf["decode"].append((len(seqs), time.perf_counter() - t0))
-
-    def _prefill(self, rows):
-        """The next chunk of each [(sequence, chunk length)]; a new sequence whose prompt is then
-        complete samples its first token (a preempted one just resumes decoding)."""
+    def _run(self, rows, kind):
+        """The next chunk of each [(sequence, chunk length)] into its blocks, then a token for each row
+        whose whole context is now cached (a decode row; a prompt's last chunk; not a preempted
+        sequence catching up, which decodes next step)."""
         t0 = time.perf_counter()
         seqs = [s for s, _ in rows]
         chunks = [s.context(s.cached, s.cached + c) for s, c in rows]
-        first = [s.cached + c == s.target and not s.tokens for s, c in rows]
-        logits = self._forward(seqs, chunks, [s.cached for s in seqs], first)
-        sampling = [s for s, f in zip(seqs, first) if f]
-        tokens, lps = self._sample(sampling, logits) if sampling else ([], [])
-        for s, c in rows:  # only now: a retry of this phase must start from the same place
-            s.cached += c
-            self.blocks.commit(s)
+        last = [s.cached + c == s.length for s, c in rows]
+        logits = self._forward(seqs, chunks, last)
+        sampling = [s for s, w in zip(seqs, last) if w]
+        tokens, lps = sample(logits, sampling, self.tokenizer.vocab_size) if sampling else ([], [])
+        for s, c in rows:  # only now: a retry must start from the same place
+            self.scheduler.advance(s, c)
         self._advance_all(sampling, tokens, lps)
         n = sum(c for _, c in rows)
-        self._counters["prefill_tokens"] += n
-        self._perf["prefill"].append((n, time.perf_counter() - t0))
+        if kind == "prefill":
+            self._counters["prefill_tokens"] += n
+        self._perf[kind].append((n, time.perf_counter() - t0))
 
-    def _forward(self, seqs, chunks, starts, want):
-        """Write chunks[b] into seqs[b]'s blocks from position starts[b]; logits (sum(want), V) at
-        the last real token of each row b with want[b], the only rows that need them."""
+    def _forward(self, seqs, chunks, want):
+        """Write chunks[b] into seqs[b]'s blocks from position seqs[b].cached; logits (sum(want), V)
+        at the last real token of each row b with want[b], the only rows that need them."""
         dev = self.device
         T = max(map(len, chunks))
         ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=dev)  # (B, T)
-        positions = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)  # (B, T)
+        positions = torch.tensor([s.cached for s in seqs], device=dev)[:, None] + torch.arange(T, device=dev)
         h = self.model.hidden_states(ids, KVBatch.from_tables(self.cache, positions, [s.blocks for s in seqs]))
         rows = [b for b in range(len(chunks)) if want[b]]
         if not rows:
@@ -690,64 +503,7 @@ class InferenceEngine:
         last = torch.tensor([len(chunks[b]) - 1 for b in rows], device=dev)
         return self.model.lm_head(h[torch.tensor(rows, device=dev), last]).float()  # (B', V)
 
-    def _sample(self, seqs, logits):
-        """One token per row (B,) and, for rows that asked, its TokenLogprob; one transfer to the host.
-
-        Every row's distribution is checked first: a row that is not one (NaN, or nothing left
-        after filtering) raises, so _isolated reruns the rows alone and fails only that one."""
-        dev, B = self.device, len(seqs)
-        P = [s.params for s in seqs]
-        def col(name, dtype=torch.float32):  # one setting for every row: (B,)
-            return torch.tensor([getattr(p, name) for p in P], dtype=dtype, device=dev)
-        logits[:, self.tokenizer.vocab_size:] = float("-inf")  # padded vocab rows the tokenizer cannot decode
-        logprobs = logits.log_softmax(dim=-1) if any(p.logprobs for p in P) else None  # (B, V)
-        if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in P):
-            seen, counts = self._history(seqs, logits.shape[1])
-            logits = apply_penalties(logits, seen, counts, col("repetition_penalty"), col("presence_penalty"),
-                                     col("frequency_penalty"))
-        tokens = logits.argmax(dim=-1)  # (B,): greedy rows keep this
-        ok = logits.amax(dim=-1) > float("-inf")  # (B,): False for a NaN row (amax is NaN) or an all -inf one
-        hot = [b for b in range(B) if P[b].temperature > 0]
-        if hot:
-            x = logits[hot]
-            # Subtract the max before dividing: any temperature > 0 then gives a finite
-            # distribution (the best token at 0, the rest <= 0), where x / 1e-30 overflows.
-            x = (x - x.max(dim=-1, keepdim=True).values) / col("temperature")[hot, None]  # (B', V)
-            if any(P[b].top_k or P[b].top_p < 1 or P[b].min_p for b in hot):
-                x = filter_logits(x, col("top_k", torch.long)[hot], col("top_p")[hot], col("min_p")[hot])
-            probs = x.softmax(dim=-1)
-            ok[hot] &= probs.isfinite().all(dim=-1) & (probs.sum(dim=-1) > 0)
-            u = torch.tensor([uniform(seqs[b].seed, len(seqs[b].prompt) + len(seqs[b].tokens)) for b in hot],
-                             dtype=torch.float64)
-            tokens[hot] = draw(probs, u)
-        tokens = torch.where(ok, tokens, -1)
-        if logprobs is None:
-            ids, lps = tokens.tolist(), [None] * B
-        else:
-            ids, lps = self._logprobs(P, tokens, logprobs)
-        if -1 in ids:
-            bad = [seqs[b].request.id for b in range(B) if ids[b] < 0]
-            raise ValueError(f"no valid sampling distribution for {', '.join(bad)} (NaN or empty after filters)")
-        return ids, lps
-
-    def _logprobs(self, P, tokens, logprobs):
-        chosen = logprobs.gather(1, tokens.clamp(min=0)[:, None])[:, 0]
-        k = max(p.top_logprobs for p in P)
-        top_v, top_i = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0])
-        ids, chosen, top_v, top_i = tokens.tolist(), chosen.tolist(), top_v.tolist(), top_i.tolist()
-        return ids, [TokenLogprob(ids[b], chosen[b], list(zip(top_i[b][:p.top_logprobs], top_v[b][:p.top_logprobs])))
-                     if p.logprobs else None for b, p in enumerate(P)]
-
-    def _history(self, seqs, V):
-        """Penalty state of the rows that need it: seen (B, V) in prompt or output, counts (B, V) of output."""
-        seen = torch.zeros(len(seqs), V, dtype=torch.bool, device=self.device)
-        counts = torch.zeros(len(seqs), V, device=self.device)
-        for b, s in enumerate(seqs):
-            seen[b, torch.tensor(s.prompt + s.tokens, device=self.device)] = True
-            if s.tokens:
-                counts[b].index_add_(0, torch.tensor(s.tokens, device=self.device),
-                                     torch.ones(len(s.tokens), device=self.device))
-        return seen, counts
+    # -- output bookkeeping (engine thread) -----------------------------------------
 
     def _advance_all(self, seqs, tokens, lps):
         """Append the sampled tokens; a failure while advancing one row fails only its request."""
@@ -782,17 +538,48 @@ class InferenceEngine:
     def _finish(self, seq, reason, flush=True):
         """End a choice: flush its text, free its blocks, complete the request after its last choice."""
         seq.request.push(seq.out.delta(seq.index, seq.params.logprobs, reason, flush))
-        self.blocks.release(seq)
+        self.scheduler.blocks.release(seq)
         if seq.request.complete(Choice(seq.index, seq.out.text, seq.tokens, reason, seq.logprobs)):
             self._counters["requests_aborted" if seq.request.aborted else "requests_finished"] += 1
 
     def _fail_request(self, request, error):
         """Free the blocks of every running choice of the request and fail it with error."""
-        for seq in self._running:
-            if seq.request is request:
-                self.blocks.release(seq)
+        self.scheduler.free(request)
         if request.fail(error):
             self._counters["requests_failed"] += 1
+
+
+# -----------------------------------------------------------------------------
+# Prompts and limits: RequestErrors before anything is queued
+
+def prompt_ids(tokenizer, prompt, V) -> list:
+    """A prompt as token ids: a str is encoded (special tokens as plain text), a list is checked."""
+    if isinstance(prompt, str):
+        try:
+            ids = tokenizer.encode(prompt)
+        except ValueError as e:  # e.g. a lone surrogate ("\ud800" is valid JSON, not valid UTF-8)
+            raise RequestError(f"prompt: cannot be encoded: {e}", "prompt") from None
+    elif isinstance(prompt, (list, tuple)) and all(is_int(i) for i in prompt):
+        ids = list(prompt)
+        bad = next((i for i in ids if not 0 <= i < V), None)
+        need(bad is None, "prompt", f"token id {bad} is outside the vocabulary [0, {V})")
+    else:
+        raise RequestError("prompt: must be a string or a list of token ids", "prompt")
+    need(len(ids) > 0, "prompt", "is empty; give at least one token to continue from")
+    return ids
+
+
+def max_new_tokens(max_seq_len, prompt_len, params) -> int:
+    """The number of tokens the request may generate; never silently less than asked."""
+    room = max_seq_len - prompt_len
+    need(room >= 1, "prompt", f"has {prompt_len} tokens but the context is {max_seq_len} tokens; "
+          f"shorten it by at least {1 - room} tokens so one can be generated")
+    if params.max_tokens is None:
+        return room
+    need(params.max_tokens <= room, "max_tokens",
+          f"{params.max_tokens} is {params.max_tokens - room} more than the context allows: the prompt "
+          f"has {prompt_len} tokens and the context is {max_seq_len}, so ask for at most {room}")
+    return params.max_tokens
 
 
 # -----------------------------------------------------------------------------
@@ -861,6 +648,8 @@ def _params(engine, args, room):
 
 def main():
     import argparse
+
+    import checkpoint
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory (config.json, weights, tokenizer.json) "
                    "or run directory (its latest checkpoint)")
@@ -884,8 +673,9 @@ def main():
     args = p.parse_args()
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
-        engine = InferenceEngine.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch_size=1,
-                                                 max_seq_len=args.max_seq_len, kv_cache_gb=args.kv_cache_gb)
+        engine = InferenceEngine.from_pretrained(checkpoint.resolve(args.model), device=args.device, dtype=dtype,
+                                                 max_batch_size=1, max_seq_len=args.max_seq_len,
+                                                 kv_cache_gb=args.kv_cache_gb)
     except (OSError, ValueError, ImportError) as e:
         raise SystemExit(f"error: cannot load --model {args.model}: {e}")
     print(f"model {args.model} | {engine.model.num_params() / 1e6:.1f}M params | {args.device} "

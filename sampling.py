@@ -1,14 +1,17 @@
 """Sampling: what a request may ask for, and how one token per row is drawn.
 
 SamplingParams validates a request's settings against what the sampler's float32 / int64
-tensors can hold (a 400 naming the field, never a NaN in a batch). Then, per row, in this
-order: repetition penalty (CTRL, Keskar et al. 2019: seen tokens' positive logits are
-divided by it, negative ones multiplied), presence / frequency penalties (OpenAI:
-logit -= f * count + p * [count > 0] over generated tokens), temperature (0 = argmax),
-top-k, top-p (Holtzman et al. 2019), min-p (Nguyen et al. 2024: keep p >= min_p * p_max),
-and one inverse-CDF draw from a number fixed by (seed, position): counter-based, so a
-seed gives the same tokens whatever else is batched. Stop strings are matched on the
-decoded text, and text that may begin one is held back from a stream.
+tensors can hold (a 400 naming the field, never a NaN in a batch). `sample` is the whole
+per-row pipeline, in this order: the vocabulary mask, the raw logprobs (log_softmax before
+anything else, as OpenAI reports them), repetition penalty (CTRL, Keskar et al. 2019: seen
+tokens' positive logits are divided by it, negative ones multiplied), presence / frequency
+penalties (OpenAI: logit -= f * count + p * [count > 0] over generated tokens), temperature
+(0 = argmax), top-k, top-p (Holtzman et al. 2019), min-p (Nguyen et al. 2024: keep
+p >= min_p * p_max), the validity check, and one inverse-CDF draw from a number fixed by
+(seed, position): counter-based, so a seed gives the same tokens whatever else is batched.
+Stop strings are matched on the decoded text, and text that may begin one is held back.
+
+Left out: beam search, typical / eta sampling, mirostat.
 """
 
 from dataclasses import dataclass, field
@@ -188,3 +191,80 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = probs.double().cumsum(dim=-1)  # (B, V)
     target = (u.to(cdf.device) * cdf[:, -1])[:, None]  # (B, 1)
     return torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=probs.shape[1] - 1)
+
+
+# -----------------------------------------------------------------------------
+# The pipeline: a batch of logits -> one token per row
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list  # [(token_id, logprob)], best first; empty unless top_logprobs > 0
+
+
+def sample(logits, rows, vocab_size):
+    """One token per row, and its TokenLogprob for the rows whose params ask (else None).
+
+    logits (B, V) float32 at each row's last position; rows: objects with .params (SamplingParams),
+    .seed, .prompt and .tokens (scheduler.Sequence), whose next position is len(prompt) + len(tokens);
+    ids at or past vocab_size (a padded vocabulary the tokenizer cannot decode) are never drawn.
+    A row left with no distribution (NaN, or nothing after the filters) raises ValueError, so the
+    caller can rerun the rows alone and fail only that one. One transfer to the host.
+    """
+    B, P = len(rows), [r.params for r in rows]
+    def col(name, dtype=torch.float32):  # one setting for every row: (B,)
+        return torch.tensor([getattr(p, name) for p in P], dtype=dtype, device=logits.device)
+    # 1. the vocabulary mask; the raw distribution's logprobs, before anything changes it
+    logits[:, vocab_size:] = float("-inf")
+    logprobs = logits.log_softmax(dim=-1) if any(p.logprobs for p in P) else None  # (B, V)
+    # 2. penalties on what each row has seen
+    if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in P):
+        seen, counts = history(rows, logits.shape[1], logits.device)
+        logits = apply_penalties(logits, seen, counts, col("repetition_penalty"), col("presence_penalty"),
+                                 col("frequency_penalty"))
+    # 3. greedy rows take the argmax; a NaN row (amax is NaN) or an all -inf one is not a distribution
+    tokens = logits.argmax(dim=-1)  # (B,)
+    ok = logits.amax(dim=-1) > float("-inf")
+    # 4. temperature, filters, the counter-based draw
+    hot = [b for b in range(B) if P[b].temperature > 0]
+    if hot:
+        # Subtract the max before dividing: any temperature > 0 then gives a finite
+        # distribution (the best token at 0, the rest <= 0), where x / 1e-30 overflows.
+        x = logits[hot]
+        x = (x - x.max(dim=-1, keepdim=True).values) / col("temperature")[hot, None]  # (B', V)
+        if any(P[b].top_k or P[b].top_p < 1 or P[b].min_p for b in hot):
+            x = filter_logits(x, col("top_k", torch.long)[hot], col("top_p")[hot], col("min_p")[hot])
+        probs = x.softmax(dim=-1)
+        ok[hot] &= probs.isfinite().all(dim=-1) & (probs.sum(dim=-1) > 0)
+        u = torch.tensor([uniform(rows[b].seed, len(rows[b].prompt) + len(rows[b].tokens)) for b in hot],
+                         dtype=torch.float64)
+        tokens[hot] = draw(probs, u)
+    # 5. to the host, with the logprobs asked for
+    tokens = torch.where(ok, tokens, -1)
+    ids, lps = (tokens.tolist(), [None] * B) if logprobs is None else chosen_logprobs(P, tokens, logprobs)
+    if -1 in ids:
+        raise ValueError(f"no valid sampling distribution in rows {[b for b in range(B) if ids[b] < 0]} "
+                         "(NaN or empty after filters)")
+    return ids, lps
+
+
+def history(rows, V, device):
+    """Penalty state: seen (B, V) in prompt or output, counts (B, V) of output."""
+    seen = torch.zeros(len(rows), V, dtype=torch.bool, device=device)
+    counts = torch.zeros(len(rows), V, device=device)
+    for b, r in enumerate(rows):
+        seen[b, torch.tensor(r.prompt + r.tokens, device=device)] = True
+        if r.tokens:
+            counts[b].index_add_(0, torch.tensor(r.tokens, device=device), torch.ones(len(r.tokens), device=device))
+    return seen, counts
+
+
+def chosen_logprobs(P, tokens, logprobs):
+    """Token ids (B,) and, per row that asked, the chosen token's logprob and its top alternatives."""
+    chosen = logprobs.gather(1, tokens.clamp(min=0)[:, None])[:, 0]
+    k = max(p.top_logprobs for p in P)
+    top_v, top_i = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0])
+    ids, chosen, top_v, top_i = tokens.tolist(), chosen.tolist(), top_v.tolist(), top_i.tolist()
+    return ids, [TokenLogprob(ids[b], chosen[b], list(zip(top_i[b][:p.top_logprobs], top_v[b][:p.top_logprobs])))
+                 if p.logprobs else None for b, p in enumerate(P)]

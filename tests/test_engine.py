@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import tokenizer
 from attention import PagedKVCache
-from engine import (EngineError, InferenceEngine, RequestError, SamplingParams, apply_penalties, filter_logits,
-                    generate_reference, held_back)
+from engine import EngineError, InferenceEngine, RequestError, SamplingParams, generate_reference
+from sampling import apply_penalties, filter_logits, held_back
 from model import PRESETS, Transformer
 
 WORDS = ["the", "cat", "sat", "on", "mat", "hello", "world", "data", "model", "stop", "end", "你好", "世界"]
