@@ -1,10 +1,10 @@
 """The default run: `python train.py` trains every stage on the built-in task and prints what each did.
 
     python train.py                  # seed 0: tokenizer, data, then every stage, in runs/demo-*
-    python train.py --seed 3         # the whole run from another seed
-    python train.py --plot runs      # the stages' curves in runs/demo.png (needs matplotlib)
+    python demo.py --seed 3          # the whole run from another seed
+    python demo.py --plot runs       # the stages' curves in runs/demo.png (needs matplotlib)
 
-Stages (data.ArithmeticTask: two-digit sums and differences worked in columns, written by people
+Stages (task.ArithmeticTask: two-digit sums and differences worked in columns, written by people
 who often forget the carry; the tiny preset, CPU): pretraining on plain text and SFT on chats,
 which imitate the writers, habit included; a Bradley-Terry reward model on preference pairs
 (scoring a reply by its mean token log-likelihood: strategies.RewardModel says why),
@@ -21,12 +21,14 @@ import collections
 import json
 import os
 import shutil
-import sys
 import time
 
 import checkpoint
 import data
 import tokenizer as tokenizer_lib
+import train
+from rollout import exact_match
+from task import ArithmeticTask
 
 GRPO_FLAGS = ["--batch-size", "128", "--group-size", "8", "--lr", "1e-4", "--min-lr", "1e-5", "--warmup", "3",
               "--temperature", "1.0", "--max-new-tokens", "40"]
@@ -53,7 +55,7 @@ Row = collections.namedtuple("Row", "name kind steps minutes key start_end signa
 def prepare(root, seed, eval_problems):
     """Tokenizer and one HDF5 file per stage, plus held-out problems in chat form (eval.h5) and as
     preference pairs (eval-pairs.h5). Returns (data directory, tokenizer, held-out plain-text problems)."""
-    task, data_dir = data.ArithmeticTask(seed), os.path.join(root, "demo-data")
+    task, data_dir = ArithmeticTask(seed), os.path.join(root, "demo-data")
     os.makedirs(data_dir, exist_ok=True)
     records = {kind: task.records(kind, 20000) for kind in ("seq", "sft", "dpo", "grpo")}
     tok = tokenizer_lib.train(tokenizer_corpus(records), vocab_size=512)
@@ -83,20 +85,20 @@ def plain_accuracy(model_dir, problems):
     with InferenceEngine.from_pretrained(model_dir, max_batch_size=32, max_seq_len=160) as engine:
         params = SamplingParams(max_tokens=40, temperature=0, stop=["\n"])
         outs = engine.generate([q + "\n" for q, _ in problems], params)
-    return sum(data.ArithmeticTask.score(o.text, a) for o, (_, a) in zip(outs, problems)) / len(problems)
+    return sum(exact_match(o.text, a) for o, (_, a) in zip(outs, problems)) / len(problems)
 
 
-def held_out_score(train_main, kind, model_dir, data_dir, problems):
+def held_out_score(kind, model_dir, data_dir, problems):
     """The stage's held-out figure: exact match (plain text for pretraining, chat after), or the reward
     model's pairwise accuracy."""
     if kind == "seq":
         return plain_accuracy(model_dir, problems)
     batches = str(len(problems) // 16 + 1)
     if kind == "rm":
-        return train_main(["--type", "rm", "--eval-only", "--data", os.path.join(data_dir, "eval-pairs.h5"),
+        return train.main(["--type", "rm", "--eval-only", "--data", os.path.join(data_dir, "eval-pairs.h5"),
                            "--model", model_dir, "--seq-len", "128", "--batch-size", "16",
                            "--eval-batches", batches])["eval_accuracy"]
-    return train_main(["--type", "grpo", "--eval-only", "--data", os.path.join(data_dir, "eval.h5"), "--model",
+    return train.main(["--type", "grpo", "--eval-only", "--data", os.path.join(data_dir, "eval.h5"), "--model",
                        model_dir, "--seq-len", "128", "--batch-size", "16", "--eval-batches", batches,
                        "--max-new-tokens", "40"])["eval_reward"]
 
@@ -112,7 +114,6 @@ def start_end(run_dir, key):
 
 def run(root="runs", seed=0, scale=1.0, eval_problems=256):
     """Every stage, then the table. scale shrinks every stage's steps (the test of the default run runs 40%)."""
-    from train import main as train_main
     previous = [os.path.join(root, s[0]) for s in STAGES if os.path.isdir(os.path.join(root, s[0]))]
     if previous:  # the demo's own directories: a new demo run replaces them
         print(f"demo: replacing the previous demo run ({', '.join(previous)})")
@@ -131,18 +132,18 @@ def run(root="runs", seed=0, scale=1.0, eval_problems=256):
             i = extra.index("--reward-model") + 1
             extra = extra[:i] + [checkpoint.latest(os.path.join(root, extra[i]))] + extra[i + 1:]
         print(f"\n== {name}: {kind}", flush=True)
-        last = train_main(["--type", kind, "--data", os.path.join(data_dir, f"{data_kind}.h5"), *source, "--out", out,
+        last = train.main(["--type", kind, "--data", os.path.join(data_dir, f"{data_kind}.h5"), *source, "--out", out,
                            "--steps", str(max(1, int(steps * scale))), "--seq-len", "128", "--log-every", "25",
                            "--keep-last", "1", "--seed", str(seed), *extra])
         key = "reward_mean" if kind == "grpo" else "loss"
         signal = start_end(out, "groups_with_signal") if kind == "grpo" else None
         rows.append(Row(name, kind, last["step"], (time.time() - t) / 60, key, start_end(out, key), signal,
-                        held_out_score(train_main, kind, checkpoint.latest(out), data_dir, problems)))
-    print_table(rows, time.time() - t0)
+                        held_out_score(kind, checkpoint.latest(out), data_dir, problems)))
+    print_table(rows, time.time() - t0, checkpoint.latest(os.path.join(root, STAGES[-1][0])))
     return rows
 
 
-def print_table(rows, seconds):
+def print_table(rows, seconds, served):
     """One line per stage: its training metric over the first and last quarter of its steps, for
     GRPO the share of groups whose rewards differ (the only ones with a gradient), and the held-out
     score."""
@@ -152,7 +153,7 @@ def print_table(rows, seconds):
         groups = f"{signal[0]:.0%} -> {signal[1]:.0%}" if signal else ""
         print(f"{name:<16}{steps:>6}{minutes:>6.1f}  {f'{key} {a:.3f} -> {b:.3f}':<34}{groups:<18}{score:.1%} {what}")
     print(f"\n{seconds / 60:.1f} minutes in all. `python server.py` serves the last stage, GRPO rewarded by exact "
-          f"match (runs/{STAGES[-1][0]})")
+          f"match: {served}")
 
 
 def plot(root):
@@ -182,10 +183,10 @@ def plot(root):
     return path
 
 
-def main(argv):
-    """`python train.py [--seed N] [--plot ROOT]`."""
+def main(argv=None):
+    """`python demo.py [--seed N] [--plot ROOT]`; `python train.py` with no arguments is `python demo.py`."""
     import argparse
-    p = argparse.ArgumentParser(prog="python train.py", description=__doc__,
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="one seed for the whole run: task, data order, init, sampling")
     p.add_argument("--plot", metavar="ROOT", help="draw ROOT/demo-*/metrics.jsonl into ROOT/demo.png and exit")
@@ -194,4 +195,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

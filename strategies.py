@@ -25,7 +25,7 @@ Left out: PPO with a value model, KTO/ORPO/SimPO, sequence packing.
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -264,6 +264,13 @@ class RewardModel(nn.Module):
         assert (last >= 0).all(), "every row needs at least one response token"
         return self.score(h[torch.arange(len(ids)), last].float()).squeeze(-1)
 
+    def num_params(self, non_embedding: bool = False) -> int:
+        """The backbone's (the head adds hidden_size + 1)."""
+        return self.backbone.num_params(non_embedding)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.backbone.flops_per_token(seq_len)
+
     def save_pretrained(self, path: str, state_dict=None):
         """The backbone's model directory, reward_model.json, and a head's reward_head.safetensors;
         state_dict as in Transformer.save_pretrained ("backbone." and "score." keys)."""
@@ -319,3 +326,4 @@ class RM:
 # --type -> (strategy class, the kind of data it reads: data.KINDS); the one place that says either
 STRATEGIES = {"seq": (CrossEntropy, "seq"), "sft": (CrossEntropy, "sft"), "dpo": (DPO, "dpo"),
               "grpo": (GRPO, "grpo"), "rm": (RM, "dpo")}
+Strategy = Union[CrossEntropy, DPO, GRPO, RM]  # each has loss(model, batch) -> (loss, metrics) and count(batch)

@@ -1,30 +1,21 @@
-"""Training: one loop for every strategy, on one process or many (DDP).
+"""Training: one loop for every strategy, on one process or many (DDP or FSDP2).
 
+    python train.py                                     # the default run (demo.py): every stage, built-in task
     python train.py --type seq --data seq.h5 --preset tiny --tokenizer tok/ --out runs/pre
     python train.py --type sft --data sft.h5 --model runs/pre/step_000500 --out runs/sft
-    python train.py --type dpo --data dpo.h5 --model runs/sft/step_000300 --out runs/dpo --beta 0.1
-    python train.py --type grpo --data grpo.h5 --model runs/dpo/step_000100 --out runs/grpo
-    python train.py                                     # the default run: all stages on the built-in task
-    python train.py --nprocs 2 ...                      # spawn 2 local processes (GLOO on CPU)
-    torchrun --nproc_per_node 8 train.py ...            # or let torchrun launch (any number of nodes)
+    python train.py --type dpo --data dpo.h5 --model runs/sft --out runs/dpo --beta 0.1
+    python train.py --type grpo --data grpo.h5 --model runs/dpo --out runs/grpo
+    torchrun --nproc_per_node 8 train.py ...            # or --nprocs 2: spawn local processes (GLOO on CPU)
 
-Each step: grad_accum micro-batches (DDP or FSDP syncs gradients only on the
-last), a loss normalised by the units of the whole step (tokens, pairs or
-sequences over every micro-batch and rank, so the split does not change the
-gradient), gradient clipping, a stop before the update if the loss or the
-gradient norm is not finite, AdamW (fused on CUDA), the learning rate set from
-the schedule, bf16 autocast on GPU (fp32 on CPU). Rank 0 logs a progress line,
-appends to runs/NAME/metrics.jsonl and writes checkpoints (checkpoint.py);
-the data sampler shards samples across ranks and resumes exactly, so
-`--resume` reproduces an uninterrupted run bit for bit on CPU.
+`build_run` makes the objects once (model, strategy, data, the batch source); `fit` is the loop.
+Each step: grad_accum micro-batches from the batch source (the data; for GRPO, rollouts of the live
+policy, rollout.py), a loss normalised by the units of the whole step (tokens, pairs or sequences
+over every micro-batch and rank, so the split does not change the gradient), gradient clipping, a
+stop before the update if the loss or gradient norm is not finite, AdamW, the learning rate from the
+schedule, bf16 autocast on GPU. Rank 0 logs, appends to OUT/metrics.jsonl and saves checkpoints
+(checkpoint.py); the sampler resumes exactly, so `--resume` reproduces an uninterrupted run.
 
-GRPO samples G completions per prompt from the live policy through the
-inference engine (engine.py, sharing the model's weights), scores them with the built-in task's exact-match reward
-or a reward model, then makes mu optimisation passes over that rollout batch.
-
-Data parallelism is DDP (a replica per rank) or, with --fsdp, FSDP2 (each rank
-holds a shard of the parameters, gradients and optimizer state). Left out:
-tensor and pipeline parallelism, FSDP for GRPO, sequence packing.
+Left out: tensor and pipeline parallelism, FSDP for GRPO, sequence packing.
 """
 
 import argparse
@@ -41,6 +32,7 @@ import socket
 import sys
 import time
 from contextlib import nullcontext
+from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -48,6 +40,7 @@ import torch.distributed as dist
 
 import checkpoint
 import data
+import rollout
 import strategies
 import tokenizer as tokenizer_lib
 from model import PRESETS, Transformer
@@ -170,22 +163,27 @@ def check_args(args):
     for name in ("batch_size", "grad_accum", "seq_len", "group_size", "mu", "nprocs", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
-    if args.type == "grpo" and args.batch_size % args.group_size:
-        raise SystemExit(f"error: grpo --batch-size ({args.batch_size}) counts completions and must be a "
-                         f"multiple of --group-size ({args.group_size})")
     if args.fsdp and args.nprocs < 2 and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise SystemExit("error: --fsdp shards over several processes: launch with torchrun or --nprocs N (N >= 2)")
-    if args.fsdp and args.type == "grpo":
-        raise SystemExit("error: --fsdp does not support grpo: its rollouts run the policy on each rank on its "
-                         "own, while a sharded model needs every rank in each forward; use DDP")
-    if args.type == "grpo" and args.temperature <= 0:
-        raise SystemExit("error: grpo samples its completions: --temperature must be > 0")
+    if args.type == "grpo":
+        check_grpo_args(args)
     if args.backend == "ccl":
         try:
             import oneccl_bindings_for_pytorch  # noqa: F401  (registers the "ccl" backend)
         except ImportError:
             raise SystemExit("error: --backend ccl needs Intel's oneCCL bindings: "
                              "pip install oneccl_bind_pt (matching your torch version), or use --backend gloo")
+
+
+def check_grpo_args(args):
+    if args.batch_size % args.group_size:
+        raise SystemExit(f"error: grpo --batch-size ({args.batch_size}) counts completions and must be a "
+                         f"multiple of --group-size ({args.group_size})")
+    if args.fsdp:
+        raise SystemExit("error: --fsdp does not support grpo: its rollouts run the policy on each rank on its "
+                         "own, while a sharded model needs every rank in each forward; use DDP")
+    if args.temperature <= 0:
+        raise SystemExit("error: grpo samples its completions: --temperature must be > 0")
 
 
 # -----------------------------------------------------------------------------
@@ -290,7 +288,27 @@ def to_device(batch: dict, device) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# The run: what train() builds once, and the batch arithmetic in one place
+# The run: what build_run() makes once
+
+class OfflineBatches:
+    """The batch source of the offline strategies (seq, sft, dpo, rm): the next batches of the data."""
+    passes = 1  # optimizer steps per batch
+
+    def __init__(self, per_micro, grad_accum, device):
+        self.per_micro, self.grad_accum, self.device = per_micro, grad_accum, device  # samples per micro-batch
+
+    def batches(self, stream, step: int) -> list:
+        return [to_device(next(stream), self.device) for _ in range(self.grad_accum)]
+
+    def evaluate(self, run, dataset) -> dict:
+        return evaluate_loss(run, dataset)
+
+    def after_update(self):
+        pass
+
+    def close(self):
+        pass
+
 
 @dataclasses.dataclass
 class Run:
@@ -300,93 +318,12 @@ class Run:
     device: torch.device
     tok: tokenizer_lib.Tokenizer
     model: torch.nn.Module  # the bare model (sharded in place under --fsdp): rollouts, evaluation, checkpoints
-    strategy: object
-    dataset: object
-    eval_set: object
-    collate: object
-    autocast: object  # bf16 autocast, or a no-op context
-    engine: object = None  # grpo: samples from the live policy
-    reward_fn: object = None  # grpo: (prompt ids, completion ids, answer) -> float
-
-    @property
-    def per_micro(self) -> int:
-        """Data samples per micro-batch and rank: prompts for GRPO (--batch-size counts its completions)."""
-        a = self.args
-        return a.batch_size // a.group_size if a.type == "grpo" else a.batch_size
-
-    @property
-    def passes(self) -> int:
-        """Optimizer steps per batch: GRPO makes mu passes over one rollout batch."""
-        return self.args.mu if self.args.type == "grpo" else 1
-
-
-# -----------------------------------------------------------------------------
-# GRPO rollouts
-
-def rollout_seed(args, step: int, rank: int, micro: int, prompt: int) -> int:
-    """A sampling seed fixed by (run seed, step, rank, micro-batch, prompt): a resumed run draws the same
-    completions as an uninterrupted one, and no two micro-batches of a step share their random numbers.
-    Choice i of a prompt uses seed + i."""
-    seed = (((args.seed * 100_003 + step) * 1_009 + rank) * 4_099 + micro) * 65_536 + prompt * args.group_size
-    return seed % (1 << 62)  # the engine takes 64-bit seeds; + i must stay inside
-
-
-def sample(engine, prompts: list, args, temperature: float, seeds=None) -> list:
-    """Engine choices (token ids with the stop token, finish_reason), group_size per prompt when sampling."""
-    from engine import SamplingParams
-    n = args.group_size if temperature > 0 else 1
-    params = [SamplingParams(max_tokens=args.max_new_tokens, temperature=temperature, n=n,
-                             seed=None if seeds is None else seeds[i]) for i in range(len(prompts))]
-    requests = [engine.submit(p, sp) for p, sp in zip(prompts, params)]
-    return [c for r in requests for c in r.result().choices]
-
-
-def rollout_batch(run, batch, step: int, micro: int) -> dict:
-    """B/G prompts -> B completions sampled by the live policy, their rewards, and the sampling policy's
-    per-token log-probs when --mu > 1. Those are recomputed by the training forward (under the same autocast,
-    at the sampling temperature), so the first of the mu passes has ratio exactly 1; with one pass the loss
-    uses its own forward's, detached, and the extra forward is skipped. With --mask-truncated a
-    completion that hit --max-new-tokens is rewarded but not trained on (DAPO's overlong filtering)."""
-    args = run.args
-    seeds = [rollout_seed(args, step, run.rank, micro, i) for i in range(len(batch["prompts"]))]
-    choices = sample(run.engine, batch["prompts"], args, args.temperature, seeds)
-    prompts = [p for p in batch["prompts"] for _ in range(args.group_size)]
-    answers = [a for a in batch["answers"] for _ in range(args.group_size)]
-    rewards = torch.tensor([run.reward_fn(p, c.token_ids, a) for p, c, a in zip(prompts, choices, answers)])
-    T = max(len(p) + len(c.token_ids) for p, c in zip(prompts, choices))
-    ids = torch.full((len(prompts), T), run.tok.pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids, dtype=torch.bool)
-    for i, (p, c) in enumerate(zip(prompts, choices)):
-        ids[i, :len(p) + len(c.token_ids)] = torch.tensor(p + c.token_ids)
-        mask[i, len(p):len(p) + len(c.token_ids)] = not (args.mask_truncated and c.finish_reason == "length")
-    ids, mask = ids.to(run.device), mask.to(run.device)
-    batch = {"input_ids": ids, "completion_mask": mask, "rewards": rewards.to(run.device)}
-    if args.mu > 1:  # with one pass the loss takes the sampler's log-probs from its own forward: one forward saved
-        with torch.no_grad(), run.autocast:
-            batch["old_logprobs"] = run.strategy.logprobs(run.model, ids)
-    return batch
-
-
-def make_engine(model, tok, args):
-    """The inference engine over the live policy: its weights change in place as we train."""
-    from engine import InferenceEngine
-    return InferenceEngine(model, tok, max_batch_size=args.batch_size,
-                           max_seq_len=args.seq_len + args.max_new_tokens)
-
-
-def make_reward_fn(args, tok, device):
-    """(prompt ids, completion ids, answer) -> float."""
-    if args.reward_model:
-        rm = strategies.RewardModel.from_pretrained(args.reward_model, device=device).eval()
-
-        @torch.no_grad()
-        def score(prompt, completion, answer):
-            ids = torch.tensor([prompt + completion], device=device)
-            mask = torch.zeros_like(ids, dtype=torch.bool)
-            mask[0, len(prompt):] = True
-            return float(rm(ids, mask)[0]) if completion else 0.0
-        return score
-    return lambda prompt, completion, answer: data.ArithmeticTask.score(tok.decode(completion, skip_special=True), answer)
+    strategy: strategies.Strategy
+    dataset: data.Dataset
+    eval_set: Union[data.Dataset, None]
+    collate: Callable[[list], dict]
+    autocast: contextlib.AbstractContextManager  # bf16 autocast, or a no-op context
+    source: Union[OfflineBatches, rollout.Rollouts]  # each step's micro-batches
 
 
 # -----------------------------------------------------------------------------
@@ -450,17 +387,29 @@ def build_strategy(args, model, device, tok=None, resuming=False):
                args.aggregation, args.temperature)
 
 
-@torch.no_grad()
+def build_source(args, model, tok, strategy, device, autocast, rank):
+    """Where each step's micro-batches come from: the data, or (grpo) rollouts of the live policy."""
+    if args.type != "grpo":
+        return OfflineBatches(args.batch_size, args.grad_accum, device)
+    reward = rollout.reward_model_reward(args.reward_model, device) if args.reward_model \
+        else rollout.exact_match_reward(tok)
+    cfg = rollout.RolloutConfig(args.group_size, args.max_new_tokens, args.temperature, args.mask_truncated, args.mu,
+                                args.grad_accum, args.seed, max_batch_size=args.batch_size, max_prompt_len=args.seq_len)
+    return rollout.Rollouts(model, tok, strategy, reward, cfg, device, autocast, rank)
+
+
 def evaluate(run, dataset) -> dict:
-    """Mean loss over up to eval_batches batches of held-out data (+ perplexity for seq/sft);
-    for grpo, the mean reward of greedy completions."""
+    """The batch source's evaluation: held-out loss, or (grpo) the reward of greedy completions."""
+    if isinstance(run.source, rollout.Rollouts):
+        return run.source.evaluate(dataset, run.args.eval_batches * run.args.batch_size)
+    return evaluate_loss(run, dataset)
+
+
+@torch.no_grad()
+def evaluate_loss(run, dataset) -> dict:
+    """Mean loss over up to eval_batches batches of held-out data (+ perplexity for cross-entropy)."""
     args, model = run.args, run.model
     n = min(len(dataset), args.eval_batches * args.batch_size)
-    if args.type == "grpo":
-        samples = [dataset[i] for i in range(n)]
-        choices = sample(run.engine, [s["prompt"] for s in samples], args, temperature=0.0)
-        return {"eval_reward": float(np.mean([run.reward_fn(s["prompt"], c.token_ids, s["answer"])
-                                              for s, c in zip(samples, choices)]))}
     was_training = model.training
     model.eval()
     total, count, metrics = 0.0, 0, {}
@@ -477,7 +426,7 @@ def evaluate(run, dataset) -> dict:
     if not batches:
         raise SystemExit(f"error: eval data has {len(dataset)} samples, fewer than one batch of {args.batch_size}")
     out = {"eval_loss": total / max(count, 1)}
-    if args.type in ("seq", "sft"):
+    if isinstance(run.strategy, strategies.CrossEntropy):
         out["eval_ppl"] = math.exp(min(out["eval_loss"], 50))
     out.update({f"eval_{k}": v for k, v in metrics.items() if k != "tokens"})
     return out
@@ -501,17 +450,27 @@ def run_from_args(args):
     device = pick_device(args, local_rank)
     rank, world = init_distributed(args, device)
     try:
-        return train(args, rank, world, device)
+        resume_from = checkpoint.latest(args.out) if args.resume else None
+        run = build_run(args, rank, world, device, resume_from)
+        try:
+            if not args.eval_only:
+                return fit(run, resume_from)
+            result = evaluate(run, run.eval_set or run.dataset)
+            log0(rank, json.dumps(result))
+            return result
+        finally:
+            run.source.close()
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train(args, rank, world, device):
+def build_run(args, rank, world, device, resume_from=None) -> Run:
+    """Every object the loop needs, made once: tokenizer, model, strategy (with its reference), data,
+    autocast and the batch source. A resumed run starts from the checkpoint's model and reference."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    resume_from = checkpoint.latest(args.out) if args.resume else None
     if resume_from:  # where the run started, so the reference model is the same one
         started = checkpoint.load(resume_from, restore_rng=False)["config"]
         args.model, args.preset, args.ref = started["model"], started["preset"], started["ref"]
@@ -524,20 +483,11 @@ def train(args, rank, world, device):
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
-    run = Run(args, rank, world, device, tok, model, build_strategy(args, model, device, tok, resume_from is not None),
-              dataset, eval_set, functools.partial(data.collate, kind, pad_id=tok.pad_id),
-              torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
-    if args.type == "grpo":
-        run.reward_fn, run.engine = make_reward_fn(args, tok, device), make_engine(model, tok, args)
-    try:
-        if args.eval_only:
-            result = evaluate(run, eval_set or dataset)
-            log0(rank, json.dumps(result))
-            return result
-        return fit(run, resume_from)
-    finally:
-        if run.engine:
-            run.engine.close()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    strategy = build_strategy(args, model, device, tok, resume_from is not None)
+    source = build_source(args, model, tok, strategy, device, autocast, rank)
+    return Run(args, rank, world, device, tok, model, strategy, dataset, eval_set,
+               functools.partial(data.collate, kind, pad_id=tok.pad_id), autocast, source)
 
 
 # -----------------------------------------------------------------------------
@@ -598,13 +548,6 @@ def gradient_sync(net, on: bool):
 # -----------------------------------------------------------------------------
 # The loop
 
-def step_batches(run, stream, step: int) -> list:
-    """The grad_accum micro-batches of one step, on the device; for GRPO, rollouts of the live policy."""
-    if run.args.type == "grpo":
-        return [rollout_batch(run, next(stream), step, m) for m in range(run.args.grad_accum)]
-    return [to_device(next(stream), run.device) for _ in range(run.args.grad_accum)]
-
-
 def optimise(run, net, opt, batches: list, step: int) -> dict:
     """One optimizer step over a step's micro-batches; the loss, gradient norm and metrics over all ranks.
 
@@ -635,8 +578,7 @@ def optimise(run, net, opt, batches: list, step: int) -> dict:
                            "--lr or check the data, then --resume")
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if run.engine:  # GRPO samples from the weights just changed: nothing cached from before is valid
-        run.engine.reset_prefix_cache()
+    run.source.after_update()  # GRPO: its engine's cached prefixes hold the old weights' keys and values
     keys = sorted(k for k in sums if k != "tokens")
     return {"loss": loss, "grad_norm": grad_norm, **dict(zip(keys, all_reduce([sums[k] for k in keys], run, True)))}
 
@@ -668,14 +610,13 @@ def make_optimizer(run):
 
 def log_start(run, total: int, per_step: int):
     args, world = run.args, run.world
-    core = run.model.backbone if args.type == "rm" else run.model
-    if args.type == "grpo":
+    if isinstance(run.source, rollout.Rollouts):
         batch = f"{per_step * world} prompts x {args.group_size} = {per_step * world * args.group_size} completions"
     else:
-        tokens = per_step * world * args.seq_len
-        batch = f"{per_step * world} samples" + (f" ({tokens:,} tokens)" if args.type in ("seq", "sft") else "")
+        windows = isinstance(run.dataset, data.WindowDataset)
+        batch = f"{per_step * world} samples" + (f" ({per_step * world * args.seq_len:,} tokens)" if windows else "")
     mode = f"{'fsdp' if args.fsdp else 'ddp'}, {dist.get_backend()}" if world > 1 else "single process"
-    log0(run.rank, f"{args.type}: {core.num_params() / 1e6:.2f}M parameters | {total} steps | {batch} per step | "
+    log0(run.rank, f"{args.type}: {run.model.num_params() / 1e6:.2f}M parameters | {total} steps | {batch} per step | "
          f"grad accum {args.grad_accum} | world {world} ({mode}) | device {run.device}")
 
 
@@ -699,11 +640,8 @@ def resume(run, opt, resume_from) -> tuple:
     if not resume_from:
         return 0, progress
     state = checkpoint.load(resume_from, run.model, opt, load_weights=False, map_location=run.device)
-    saved = state["progress"]
-    if "samples" not in saved:  # format 1 counted this rank's samples as "consumed"
-        saved = {"samples": saved["consumed"] * run.world}
     log0(run.rank, f"resumed from {resume_from} at step {state['step']}")
-    return state["step"], {**progress, **saved}
+    return state["step"], {**progress, **state["progress"]}
 
 
 def step_record(run, step, lr, passes, batches, seconds) -> dict:
@@ -715,8 +653,8 @@ def step_record(run, step, lr, passes, batches, seconds) -> dict:
               "loss": passes[-1]["loss"], "grad_norm": passes[-1]["grad_norm"]}
     peak = peak_flops(run.device)
     if peak:
-        core = run.model.backbone if run.args.type == "rm" else run.model
-        record["mfu"] = tokens * run.passes / seconds * core.flops_per_token(run.args.seq_len) / (peak * run.world)
+        flops = run.model.flops_per_token(run.args.seq_len)
+        record["mfu"] = tokens * run.source.passes / seconds * flops / (peak * run.world)
     return record
 
 
@@ -731,7 +669,7 @@ def fit(run, resume_from):
     """The optimisation loop: batches, optimizer steps, metrics, evaluation, checkpoints."""
     args, rank, world = run.args, run.rank, run.world
     sampler = data.DistributedSampler(len(run.dataset), rank, world, args.seed)
-    per_step = run.per_micro * args.grad_accum  # data samples per step and rank
+    per_step = run.source.per_micro * args.grad_accum  # data samples per step and rank
     total = args.steps or max(1, int(args.epochs * sampler.per_rank / per_step))
     net = parallelize(run)
     opt = make_optimizer(run)
@@ -739,7 +677,7 @@ def fit(run, resume_from):
     log_start(run, total, per_step)
     os.makedirs(args.out, exist_ok=True)
     metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
-    stream = batch_stream(run.dataset, sampler, progress["samples"] // world, run.per_micro, run.collate)
+    stream = batch_stream(run.dataset, sampler, progress["samples"] // world, run.source.per_micro, run.collate)
     t_start, start_step, record = time.time(), step, {}
     net.train()
     while step < total:
@@ -747,8 +685,8 @@ def fit(run, resume_from):
         for group in opt.param_groups:
             group["lr"] = lr
         # 1. this step's micro-batches; 2. optimizer steps over them (GRPO: mu passes)
-        batches = step_batches(run, stream, step)
-        passes = [optimise(run, net, opt, batches, step) for _ in range(run.passes)]
+        batches = run.source.batches(stream, step)
+        passes = [optimise(run, net, opt, batches, step) for _ in range(run.source.passes)]
         progress["samples"] += per_step * world
         step += 1
         # 3. the step's record, evaluation, early stopping
@@ -781,9 +719,9 @@ def fit(run, resume_from):
 def main(argv=None):
     """Returns the last metrics record (or eval results) of a single-process run."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("--seed", "--plot"):  # the default run: every stage on the built-in task
+    if not argv:  # the default run: every stage on the built-in task (its options: python demo.py --help)
         import demo
-        return demo.main(argv)
+        return demo.main([])
     args = build_parser().parse_args(argv)
     check_args(args)
     if args.nprocs > 1 and "WORLD_SIZE" not in os.environ:

@@ -13,10 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import rollout
 import strategies
 import tokenizer
 import train
 from model import PRESETS, Transformer
+from task import ArithmeticTask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two ranks on a 2-core machine: one thread each
@@ -27,7 +29,7 @@ SMALL = ["--batch-size", "4", "--seq-len", "48", "--log-every", "100", "--lr", "
 def files(tmp_path_factory):
     """A tokenizer, one data file per kind from the built-in task, and a tiny pretrained-shape model."""
     d = tmp_path_factory.mktemp("train")
-    task = data.ArithmeticTask(0)
+    task = ArithmeticTask(0)
     tok = tokenizer.train([r["text"] for r in task.records("seq", 500)], vocab_size=320)
     tok.save(str(d / "tok"))
     for kind in ("seq", "sft", "dpo", "grpo"):
@@ -80,30 +82,31 @@ def test_each_strategy_lowers_its_loss_on_a_fixed_batch(kind, flags, files):
 
 
 def grpo_run(d, tok, *flags, autocast=None):
-    """An in-process GRPO Run over the fixture's model, with a reward that differs within groups."""
+    """GRPO's batch source over the fixture's model, as train.py builds it, with a reward that differs
+    within groups; two prompts."""
     args = train.build_parser().parse_args(["--type", "grpo", "--data", str(d / "grpo.h5"), "--model", str(d / "model"),
                                             "--group-size", "4", "--max-new-tokens", "8", *flags])
     cpu = torch.device("cpu")
     model = train.build_model(args, tok, cpu)
-    run = train.Run(args, 0, 1, cpu, tok, model, train.build_strategy(args, model, cpu), None, None, None,
-                    autocast or contextlib.nullcontext(), train.make_engine(model, tok, args),
-                    lambda p, c, a: sum(t % 2 == 0 for t in c) / max(len(c), 1))
-    return run, data.collate_grpo([data.load_dataset(str(d / "grpo.h5"), "grpo", 64)[i] for i in range(2)])
+    rollouts = train.build_source(args, model, tok, train.build_strategy(args, model, cpu), cpu,
+                                  autocast or contextlib.nullcontext(), rank=0)
+    rollouts.reward = lambda p, c, a: sum(t % 2 == 0 for t in c) / max(len(c), 1)
+    return rollouts, data.collate_grpo([data.load_dataset(str(d / "grpo.h5"), "grpo", 64)[i] for i in range(2)])
 
 
 def test_grpo_raises_the_likelihood_of_rewarded_completions(files):
     d, tok = files
-    run, prompts = grpo_run(d, tok, "--mu", "2")
-    with run.engine:
-        batch = train.rollout_batch(run, prompts, step=0, micro=0)
-        again = train.rollout_batch(run, prompts, step=0, micro=0)
-        other_micro = train.rollout_batch(run, prompts, step=0, micro=1)
+    rollouts, prompts = grpo_run(d, tok, "--mu", "2")
+    with rollouts.engine:
+        batch = rollouts.rollout(prompts, step=0, micro=0)
+        again = rollouts.rollout(prompts, step=0, micro=0)
+        other_micro = rollouts.rollout(prompts, step=0, micro=1)
     assert torch.equal(batch["input_ids"], again["input_ids"])  # seeded by (seed, step, rank, micro, prompt)
     # the same prompts in another micro-batch of the step draw other completions (they once drew the same)
     assert not torch.equal(batch["input_ids"], other_micro["input_ids"])
     assert len(set(map(tuple, [r[m].tolist() for r, m in zip(batch["input_ids"], batch["completion_mask"])]))) > 1
     assert batch["input_ids"].shape[0] == 8 and batch["completion_mask"].any(1).all()
-    model, strategy = run.model, run.strategy
+    model, strategy = rollouts.model, rollouts.strategy
     # on-policy: the sampler's log-probs equal the current policy's
     torch.testing.assert_close(batch["old_logprobs"], strategies.token_logprobs(model(batch["input_ids"]),
                                                                                 batch["input_ids"]))
@@ -126,16 +129,17 @@ def test_one_pass_grpo_takes_the_sampler_log_probs_from_its_own_forward(files):
     """With --mu 1 the rollout skips the old-log-prob forward; loss and gradient are those of the
     explicit path (the sampler's log-probs passed in)."""
     d, tok = files
-    run, prompts = grpo_run(d, tok)
-    with run.engine:
-        batch = train.rollout_batch(run, prompts, step=0, micro=0)
+    rollouts, prompts = grpo_run(d, tok)
+    with rollouts.engine:
+        batch = rollouts.rollout(prompts, step=0, micro=0)
     assert "old_logprobs" not in batch
     grads = []
-    for b in (batch, {**batch, "old_logprobs": run.strategy.logprobs(run.model, batch["input_ids"]).detach()}):
-        run.model.zero_grad()
-        loss, _ = run.strategy.loss(run.model, b)
+    old = rollouts.strategy.logprobs(rollouts.model, batch["input_ids"]).detach()
+    for b in (batch, {**batch, "old_logprobs": old}):
+        rollouts.model.zero_grad()
+        loss, _ = rollouts.strategy.loss(rollouts.model, b)
         loss.backward()
-        grads.append((loss.detach(), [p.grad.clone() for p in run.model.parameters() if p.grad is not None]))
+        grads.append((loss.detach(), [p.grad.clone() for p in rollouts.model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0][0], grads[1][0])
     assert len(grads[0][1]) == len(grads[1][1]) > 0
     for a, b in zip(grads[0][1], grads[1][1]):
@@ -367,7 +371,6 @@ def test_default_run_learns(tmp_path, capsys, all_cores):
     """
     import checkpoint
     import demo
-    from train import main as train_main
     rows = {r.name: r for r in demo.run(str(tmp_path), seed=1, scale=0.4, eval_problems=256)}
     steps = {name: n for name, _, _, _, n, _ in demo.STAGES}
     assert list(rows) == list(steps)
@@ -376,8 +379,8 @@ def test_default_run_learns(tmp_path, capsys, all_cores):
         assert r.key == ("reward_mean" if r.kind == "grpo" else "loss") and (r.signal is None) == (r.kind != "grpo")
     pre, sft, rm = rows["demo-1-pretrain"], rows["demo-2-sft"], rows["demo-3-rm"]
     # SFT teaches the chat format: the pretrained model in chat against SFT's row
-    pre_chat = demo.held_out_score(train_main, "sft", checkpoint.latest(str(tmp_path / pre.name)),
-                                   str(tmp_path / "demo-data"), [None] * 256)
+    pre_chat = demo.held_out_score("sft", checkpoint.latest(str(tmp_path / pre.name)), str(tmp_path / "demo-data"),
+                                   [None] * 256)
     assert sft.score > pre_chat + 0.05
     assert pre.start_end[1] < pre.start_end[0] / 2 and sft.start_end[1] < sft.start_end[0] / 2
     assert rm.score > 0.5 + 0.15  # the reward model ranks held-out pairs
@@ -388,6 +391,7 @@ def test_default_run_learns(tmp_path, capsys, all_cores):
     assert out.count("pairwise accuracy") == 1 and "groups w/ signal" in out and "python server.py" in out
     from server import default_model_dir
     assert default_model_dir(str(tmp_path)).startswith(str(tmp_path / "demo-6-grpo" / "step_"))
+    assert f"serves the last stage, GRPO rewarded by exact match: {default_model_dir(str(tmp_path))}" in out
     demo.run(str(tmp_path), scale=0.001, eval_problems=16)  # a second demo replaces the first
     assert "replacing the previous demo run" in capsys.readouterr().out
 
@@ -434,26 +438,26 @@ def test_old_logprobs_are_taken_under_the_same_autocast(files):
     """Under bf16 autocast the first of the mu passes has ratio exactly 1 (it was 0.98..1.04)."""
     d, tok = files
     bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
-    run, prompts = grpo_run(d, tok, "--temperature", "0.7", "--mu", "2", autocast=bf16)
-    with run.engine:
-        batch = train.rollout_batch(run, prompts, step=0, micro=0)
+    rollouts, prompts = grpo_run(d, tok, "--temperature", "0.7", "--mu", "2", autocast=bf16)
+    with rollouts.engine:
+        batch = rollouts.rollout(prompts, step=0, micro=0)
     with torch.no_grad(), bf16:
-        again = run.strategy.logprobs(run.model, batch["input_ids"])
+        again = rollouts.strategy.logprobs(rollouts.model, batch["input_ids"])
     assert torch.equal(batch["old_logprobs"], again)
-    fp32 = run.strategy.logprobs(run.model, batch["input_ids"]).detach()
+    fp32 = rollouts.strategy.logprobs(rollouts.model, batch["input_ids"]).detach()
     assert (fp32 - again).abs().max() > 1e-3  # so the autocast is what makes them equal
     with bf16:
-        _, m = run.strategy.loss(run.model, batch)
+        _, m = rollouts.strategy.loss(rollouts.model, batch)
     assert m["clip_frac"] == 0
 
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_mask_truncated_completions(files, masked):
     d, tok = files
-    run, prompts = grpo_run(d, tok, "--max-new-tokens", "3", *(["--mask-truncated"] if masked else []))
-    with run.engine:
-        batch = train.rollout_batch(run, prompts, step=0, micro=0)
-    stop_ids = run.engine.stop_ids
+    rollouts, prompts = grpo_run(d, tok, "--max-new-tokens", "3", *(["--mask-truncated"] if masked else []))
+    with rollouts.engine:
+        batch = rollouts.rollout(prompts, step=0, micro=0)
+    stop_ids = rollouts.engine.stop_ids
     finished = torch.tensor([any(int(t) in stop_ids for t in row[m]) for row, m in
                              zip(batch["input_ids"], batch["completion_mask"] | (batch["input_ids"] < 0))])
     kept = batch["completion_mask"].any(1)
@@ -469,7 +473,7 @@ def optimise_once(files, batches, world=1):
     cpu = torch.device("cpu")
     model = train.build_model(args, tok, cpu)
     run = train.Run(args, 0, world, cpu, tok, model, train.build_strategy(args, model, cpu), None, None, None,
-                    contextlib.nullcontext())
+                    contextlib.nullcontext(), train.OfflineBatches(4, 1, cpu))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     net = train.parallelize(run)  # DDP when world > 1
     out = train.optimise(run, net, torch.optim.SGD(model.parameters(), lr=1.0), batches, step=0)
@@ -604,8 +608,7 @@ def test_reward_model_as_the_grpo_reward(files, tmp_path, form):
     r = run_cli("--type", "rm", "--data", d / "dpo.h5", "--model", d / "model", "--out", tmp_path / "rm",
                 "--steps", 2, "--rm-reward", form, *SMALL)
     assert r.returncode == 0, r.stderr[-2000:]
-    args = train.build_parser().parse_args(["--type", "grpo", "--reward-model", str(tmp_path / "rm" / "step_000002")])
-    score = train.make_reward_fn(args, tok, torch.device("cpu"))
+    score = rollout.reward_model_reward(str(tmp_path / "rm" / "step_000002"), torch.device("cpu"))
     rm = strategies.RewardModel.from_pretrained(str(tmp_path / "rm" / "step_000002")).eval()
     assert rm.form == form
     prompt, completion = tok.encode("What is 2 plus 3?"), tok.encode("2 + 3 = 5. The answer is 5.")

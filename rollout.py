@@ -1,0 +1,139 @@
+"""GRPO's online batches: completions sampled from the live policy, rewarded, ready for the loss.
+
+    rollouts = Rollouts(model, tok, strategy, exact_match_reward(tok), RolloutConfig(group_size=8), device)
+    batches = rollouts.batches(stream, step)   # grad_accum micro-batches of B/G prompts -> B completions
+    rollouts.after_update()                    # the weights changed: forget every cached prefix
+    rollouts.evaluate(dataset, n)              # {"eval_reward": mean reward of greedy completions}
+    rollouts.close()
+
+The engine (engine.py) shares the model's weights, so each step samples from the policy as it is.
+Each prompt's G completions share their prompt's KV blocks (prefilled once), and each draws from a
+seed fixed by (run seed, step, rank, micro-batch, prompt): a resumed run samples exactly what an
+uninterrupted one would. A reward is (prompt ids, completion ids, reference answer) -> float: the
+exact match of the completion's last number, or a trained reward model's score.
+
+Left out: asynchronous rollouts (sampling the next batch while training on this one), a separate
+inference copy of the weights, rewards from code execution.
+"""
+
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine import InferenceEngine, SamplingParams
+
+
+# -----------------------------------------------------------------------------
+# Rewards: (prompt ids, completion ids, answer) -> float
+
+def exact_match(completion: str, answer: str) -> float:
+    """1.0 if the last integer in the completion equals the answer (GSM8K's convention), else 0.0:
+    ("12 + 30 = 42. The answer is 42.", "42") -> 1.0."""
+    numbers = re.findall(r"-?\d+", completion)
+    return float(bool(numbers) and numbers[-1] == answer.strip())
+
+
+def exact_match_reward(tok):
+    """exact_match on the completion's text (special tokens, such as the stop token, left out)."""
+    return lambda prompt, completion, answer: exact_match(tok.decode(completion, skip_special=True), answer)
+
+
+def reward_model_reward(path, device):
+    """A trained reward model's r(prompt, completion) (strategies.RewardModel); an empty completion gets 0."""
+    import strategies
+    rm = strategies.RewardModel.from_pretrained(path, device=device).eval()
+
+    @torch.no_grad()
+    def score(prompt, completion, answer):
+        ids = torch.tensor([prompt + completion], device=device)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[0, len(prompt):] = True
+        return float(rm(ids, mask)[0]) if completion else 0.0
+    return score
+
+
+# -----------------------------------------------------------------------------
+# Rollouts
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 4  # G completions per prompt
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # log-probs are taken at it too: the sampling distribution
+    mask_truncated: bool = False  # DAPO's overlong filtering: a completion cut at max_new_tokens is not trained on
+    mu: int = 1  # optimisation passes per rollout batch
+    grad_accum: int = 1
+    seed: int = 0
+    max_batch_size: int = 8  # completions per micro-batch, decoded together
+    max_prompt_len: int = 256
+
+
+class Rollouts:
+    """The batch source of GRPO: each step's micro-batches are sampled, not read."""
+
+    def __init__(self, model, tok, strategy, reward, cfg: RolloutConfig, device, autocast=None, rank=0):
+        self.model, self.tok, self.strategy, self.reward, self.cfg = model, tok, strategy, reward, cfg
+        self.device, self.autocast, self.rank = device, autocast or nullcontext(), rank
+        self.engine = InferenceEngine(model, tok, max_batch_size=cfg.max_batch_size,
+                                      max_seq_len=cfg.max_prompt_len + cfg.max_new_tokens)
+        self.per_micro = cfg.max_batch_size // cfg.group_size  # prompts per micro-batch: the batch counts completions
+        self.passes = cfg.mu  # optimizer steps per batch
+
+    def batches(self, stream, step: int) -> list:
+        return [self.rollout(next(stream), step, m) for m in range(self.cfg.grad_accum)]
+
+    def after_update(self):
+        """Nothing cached from before an optimizer step is valid: the weights it was computed with are gone."""
+        self.engine.reset_prefix_cache()
+
+    def close(self):
+        self.engine.close()
+
+    def seed(self, step: int, micro: int, prompt: int) -> int:
+        """A sampling seed fixed by (run seed, step, rank, micro-batch, prompt): no two micro-batches of a
+        step share their random numbers. Choice i of a prompt uses seed + i."""
+        c = self.cfg
+        seed = (((c.seed * 100_003 + step) * 1_009 + self.rank) * 4_099 + micro) * 65_536 + prompt * c.group_size
+        return seed % (1 << 62)  # the engine takes 64-bit seeds; + i must stay inside
+
+    def sample(self, prompts: list, temperature: float, seeds=None) -> list:
+        """Engine choices (token ids with the stop token, finish_reason), group_size per prompt when sampling."""
+        n = self.cfg.group_size if temperature > 0 else 1
+        params = [SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=temperature, n=n,
+                                 seed=None if seeds is None else seeds[i]) for i in range(len(prompts))]
+        requests = [self.engine.submit(p, sp) for p, sp in zip(prompts, params)]
+        return [c for r in requests for c in r.result().choices]
+
+    def rollout(self, batch, step: int, micro: int) -> dict:
+        """B/G prompts -> B completions sampled by the live policy, their rewards, and the sampling policy's
+        per-token log-probs when mu > 1. Those are recomputed by the training forward (under the same
+        autocast, at the sampling temperature), so the first of the mu passes has ratio exactly 1; with one
+        pass the loss uses its own forward's, detached, and the extra forward is skipped."""
+        c, G = self.cfg, self.cfg.group_size
+        seeds = [self.seed(step, micro, i) for i in range(len(batch["prompts"]))]
+        choices = self.sample(batch["prompts"], c.temperature, seeds)
+        prompts = [p for p in batch["prompts"] for _ in range(G)]
+        answers = [a for a in batch["answers"] for _ in range(G)]
+        rewards = torch.tensor([self.reward(p, ch.token_ids, a) for p, ch, a in zip(prompts, choices, answers)])
+        T = max(len(p) + len(ch.token_ids) for p, ch in zip(prompts, choices))
+        ids = torch.full((len(prompts), T), self.tok.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for i, (p, ch) in enumerate(zip(prompts, choices)):
+            ids[i, :len(p) + len(ch.token_ids)] = torch.tensor(p + ch.token_ids)
+            mask[i, len(p):len(p) + len(ch.token_ids)] = not (c.mask_truncated and ch.finish_reason == "length")
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        out = {"input_ids": ids, "completion_mask": mask, "rewards": rewards.to(self.device)}
+        if c.mu > 1:  # with one pass the loss takes the sampler's log-probs from its own forward: one forward saved
+            with torch.no_grad(), self.autocast:
+                out["old_logprobs"] = self.strategy.logprobs(self.model, ids)
+        return out
+
+    def evaluate(self, dataset, n: int) -> dict:
+        """The mean reward of greedy completions of the first n records."""
+        samples = [dataset[i] for i in range(min(len(dataset), n))]
+        choices = self.sample([s["prompt"] for s in samples], temperature=0.0)
+        return {"eval_reward": float(np.mean([self.reward(s["prompt"], ch.token_ids, s["answer"])
+                                              for s, ch in zip(samples, choices)]))}
