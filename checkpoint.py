@@ -13,7 +13,7 @@
                                 sha256 of every other file (checked on load: truncation is an error)
 
 A checkpoint appears atomically: it is written into .tmp_step_000123_<pid>, every file and the directory
-are fsynced, the directory is renamed to step_000123 (swapped in atomically if that name exists), and
+are fsynced, the directory is renamed to step_000123 (an older one of that name moved aside first), and
 only then does `latest` move (temp file, fsync, os.replace). Whenever the process dies, `latest` names a
 complete checkpoint; what is left over has a .tmp_ name, and the next save deletes it.
 
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name (1: by index, still read)
+FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name; the only format this code reads
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"step_(\d+)$")
 TEMP_PREFIX = ".tmp_"  # in a run directory, anything named .tmp_* is a leftover once a save has ended
@@ -117,12 +117,12 @@ def _split_optimizer(sd: dict):
     return tensors, _to_json({"state": rest, "param_groups": sd["param_groups"]}, "optimizer state")
 
 
-def _join_optimizer(tensors: dict, rest: dict, version: int) -> dict:
-    key = int if version == 1 else str  # format 1 keyed the state by parameter index
-    state = {key(k): dict(entry) for k, entry in rest["state"].items()}
+def _join_optimizer(tensors: dict, rest: dict) -> dict:
+    """The inverse of _split_optimizer."""
+    state = {k: dict(entry) for k, entry in rest["state"].items()}
     for name, t in tensors.items():
         param, field = name.removeprefix("state.").rsplit(".", 1)  # parameter names have dots, fields not
-        state[key(param)][field] = t
+        state[param][field] = t
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
@@ -171,25 +171,15 @@ def _fsync(path: str):
 
 
 def _replace_dir(src: str, dst: str):
-    """Rename directory src to dst. An existing dst (a step saved again, perhaps the one `latest` names)
-    is exchanged with src in one step, Linux renameat2(RENAME_EXCHANGE), so dst never goes missing; the
-    old copy, now at src, is then deleted."""
-    if not os.path.exists(dst):
-        os.rename(src, dst)
-        return
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        AT_FDCWD, RENAME_EXCHANGE = -100, 2
-        if libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_EXCHANGE) != 0:
-            raise OSError(ctypes.get_errno(), "renameat2")
-    except (AttributeError, OSError, TypeError):
-        # No atomic exchange (not Linux, or a file system without it): a crash between these two renames
-        # leaves dst missing and its old content under a .tmp_ name.
+    """Rename directory src to dst. An existing dst (a step saved again) is first moved aside to a
+    .tmp_ name and deleted after: a crash between the two renames leaves dst missing and its old
+    content under that name, which the next save deletes."""
+    if os.path.exists(dst):
         os.rename(dst, src + ".old")
         os.rename(src, dst)
-        src += ".old"
-    shutil.rmtree(src)
+        shutil.rmtree(src + ".old")
+    else:
+        os.rename(src, dst)
 
 
 def _write_synced(file: str, text: str):
@@ -354,10 +344,10 @@ def _read_state(path: str) -> dict:
         raise FileNotFoundError(f"{file} not found: {path} is not a complete checkpoint; {CORRUPT_HINT}")
     state = _read_json(file)
     version = state.get("format_version") if isinstance(state, dict) else None
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+    if version != FORMAT_VERSION:
         raise ValueError(f"{file}: format_version {version!r} is not one this code reads "
-                         f"(1..{FORMAT_VERSION}); it was written by a newer AstrAI (update checkpoint.py) "
-                         "or is not a trainer state")
+                         f"({FORMAT_VERSION}); it was written by another version of AstrAI (use that one, or "
+                         "update checkpoint.py) or is not a trainer state")
     for name, want in state["files"].items():
         f = os.path.join(path, name)
         if not os.path.isfile(f):
@@ -394,18 +384,15 @@ def load(path, model=None, optimizer=None, *, load_weights=True, restore_rng=Tru
             raise ValueError(f"{path} was saved without optimizer state; pass optimizer=None to load without it")
         assert model is not None, "loading optimizer state needs its model: the state is keyed by parameter name"
         tensors = load_file(os.path.join(path, "optimizer.safetensors"), device=device)
-        _load_optimizer(path, _join_optimizer(tensors, state["optimizer"], state["format_version"]),
-                        _unwrap(model), optimizer)
+        _load_optimizer(path, _join_optimizer(tensors, state["optimizer"]), _unwrap(model), optimizer)
     if restore_rng:
         _set_rng(load_file(os.path.join(path, "rng.safetensors")), state["rng"])
-    if state["format_version"] == 1:  # its info was config, sampler_state (now progress), metrics
-        state["progress"] = state.pop("sampler_state")
     return {k: v for k, v in state.items() if k not in RESERVED or k in ("step", "path")}
 
 
 def _load_optimizer(path, saved, model, optimizer):
-    """Saved optimizer state (keyed by name, or by index in format 1) into the optimizer; under FSDP each
-    rank keeps its shard of every tensor, cut the way its parameter is."""
+    """Saved optimizer state (keyed by parameter name) into the optimizer; under FSDP each rank keeps its
+    shard of every tensor, cut the way its parameter is."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     params = [p for group in optimizer.param_groups for p in group["params"]]
     index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
@@ -415,12 +402,10 @@ def _load_optimizer(path, saved, model, optimizer):
             return distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
         return t
     try:
-        if saved["state"] and not all(isinstance(k, int) for k in saved["state"]):  # by name
-            state = {index[n]: {k: shard_like(v, params[index[n]]) if torch.is_tensor(v) else v
-                                for k, v in entry.items()} for n, entry in saved["state"].items()}
-            groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]
-            saved = {"state": state, "param_groups": groups}
-        optimizer.load_state_dict(saved)
+        state = {index[n]: {k: shard_like(v, params[index[n]]) if torch.is_tensor(v) else v
+                            for k, v in entry.items()} for n, entry in saved["state"].items()}
+        groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
         raise ValueError(f"{path}: the saved optimizer state does not fit this {type(optimizer).__name__} ({e!r}); "
                          "build it as the run that saved it did (same model, same parameter groups)") from e

@@ -373,20 +373,18 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, device=None, dtype=None) -> "Transformer":
-        """Load one of our directories or an HF Llama / Qwen2 / Qwen3 one (or a run
-        directory's latest checkpoint).
+        """Load one of our model directories or an HF Llama / Qwen2 / Qwen3 one (a run directory's
+        checkpoint: checkpoint.resolve first).
 
         dtype None keeps the checkpoint's dtype (as transformers 5 does).
         Errors name the offending key: missing, unexpected or wrong-shaped weights.
         """
         from safetensors import safe_open
 
-        import checkpoint
-        path = checkpoint.resolve(path)  # a run directory -> its latest checkpoint
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{config_path} not found: pass a model directory (config.json and "
-                                    "safetensors weights) or a run directory (runs/NAME)")
+                                    "safetensors weights)")
         with open(config_path) as f:
             cfg = config_from_hf(json.load(f))
         with torch.device("meta"):
