@@ -16,8 +16,7 @@ chunked or compressed elsewhere are read through h5py. Record i is offsets[i]..o
 Windows (seq, sft), as the seed project defines them, stay inside one segment: window i covers
     begin_i = min(i * stride, total - 1 - window),  end_i = begin_i + window
 with targets the same span shifted by one; count = ceil((total-1-window)/stride) + 1.
-Left out: tokenizing on the fly (`prepare` runs once, ahead of training); attention masks at
-document ends inside a window (<|endoftext|> is the only boundary). The built-in task: task.py.
+Left out: tokenizing on the fly, attention masks at document ends inside a window.
 
     python data.py prepare --kind sft --input data/task/sft.jsonl --tokenizer runs/tok --out data/sft.h5
     python data.py prepare --kind seq --input big.txt --tokenizer runs/tok --out data/seq --shard-tokens 100000000
@@ -423,15 +422,16 @@ def main():
     pp = sub.add_parser("prepare", help="tokenize a .jsonl or .txt file into HDF5")
     pp.add_argument("--kind", required=True, choices=sorted(KINDS))
     pp.add_argument("--input", required=True, help=".jsonl records, or .txt with blank-line-separated documents")
-    pp.add_argument("--tokenizer", required=True, help="tokenizer directory or tokenizer.json")
+    pp.add_argument("--tokenizer", required=True, help="tokenizer directory, tokenizer.json, or a run directory")
     pp.add_argument("--out", required=True, help="output .h5 file (or folder with --shard-tokens)")
     pp.add_argument("--shard-tokens", type=int, default=0, help="start a new shard after this many tokens")
     args = p.parse_args()
+    import checkpoint
     import tokenizer
     if not os.path.isfile(args.input):
         sys.exit(f"error: --input {args.input} does not exist")
     try:
-        tok = tokenizer.load(args.tokenizer)
+        tok = tokenizer.load(checkpoint.resolve(args.tokenizer) if os.path.isdir(args.tokenizer) else args.tokenizer)
     except (ValueError, OSError, ImportError) as e:
         sys.exit(f"error: --tokenizer: {e}")
     try:

@@ -1,27 +1,17 @@
 """Byte-level BPE tokenizer: train, encode, decode, save/load as a Hugging Face tokenizer.json.
 
-Covers byte-level BPE as in GPT-2 (Sennrich et al. 2016 for BPE; Radford et al.
-2019 for running it on UTF-8 bytes, with `bytes_to_unicode` and the merge loop of
-GPT-2's encoder.py), a regex pre-tokenizer, special tokens, chat templates (our
-ChatML, or a model's own Jinja template rendered as transformers renders it) with
-an assistant-token mask for SFT, and incremental UTF-8-safe decoding for streaming. The training loop follows minbpe (Karpathy) but updates
-pair counts incrementally, as the `tokenizers` BPE trainer does. Files are the
-`tokenizers` JSON format, so `tokenizers.Tokenizer.from_file` and
-`transformers.AutoTokenizer` read what we write, and we read byte-level BPE files
-they write (GPT-2, Llama-3, Qwen2 style) with identical ids.
+Byte-level BPE as in GPT-2 (Sennrich et al. 2016; Radford et al. 2019: BPE on UTF-8 bytes, with
+`bytes_to_unicode` and the merge loop of GPT-2's encoder.py), a regex pre-tokenizer, special tokens
+and UTF-8-safe incremental decoding for streaming. Training follows minbpe (Karpathy) with pair counts
+updated incrementally, as the `tokenizers` BPE trainer does. `tokenizers` and `transformers` read the
+tokenizer.json we write; we read the byte-level BPE ones they write (GPT-2, Llama-3, Qwen2 style)
+with identical ids. A Tokenizer holds a chat.ChatTemplate (`tok.chat`) and encodes what it lays out.
 
-Leaves out: byte fallback (SentencePiece-style files such as Llama-2's), BPE
-dropout, normalizers other than Unicode NFC/NFKC/NFD/NFKD, the
-lstrip/rstrip/single_word flags of added tokens, post-processors (we never add
-BOS/EOS implicitly; chat templates write bos_token themselves), and the
-{% generation %} tag of some chat templates.
+Leaves out: byte fallback (SentencePiece-style files such as Llama-2's), BPE dropout, normalizers
+other than Unicode NFC/NFKC/NFD/NFKD, the lstrip/rstrip/single_word flags of added tokens,
+post-processors (we never add BOS/EOS implicitly; chat templates write bos_token themselves).
 
-    tok = train(lines, vocab_size=4096)      # lines: an iterable of str
-    ids = tok.encode("hello 世界")            # tok.decode(ids) == "hello 世界"
-    tok.save("runs/tok")                     # tokenizer.json + tokenizer_config.json
-    tok = load("runs/tok")
-
-    python tokenizer.py train --input corpus.txt --vocab-size 4096 --out runs/tok
+    python tokenizer.py train --input corpus.txt --vocab-size 4096 --out runs/tok  # tok = load("runs/tok")
     python tokenizer.py encode --tokenizer runs/tok "你好, world"
 """
 
@@ -33,11 +23,12 @@ import json
 import operator
 import unicodedata
 from collections import Counter, defaultdict
-from datetime import datetime
 from itertools import repeat
 from pathlib import Path
 
 import regex  # not `re`: the patterns need Unicode classes \p{L} and \p{N}
+
+from chat import IM_END, IM_START, ChatTemplate, chatml_jinja
 
 # -----------------------------------------------------------------------------
 # Pre-tokenization patterns and special tokens
@@ -59,9 +50,8 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 # to Unicode 14 identically (checked exhaustively); characters assigned later
 # may split differently because the two libraries ship different Unicode tables.
 
-ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-DEFAULT_SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
-CHAT_ROLES = ("system", "user", "assistant", "tool")
+ENDOFTEXT = "<|endoftext|>"
+DEFAULT_SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # ChatML's two (chat.py) after end of document
 CACHE_SIZE = 100_000  # pre-token -> ids entries kept before the cache is cleared
 INF = float("inf")
 
@@ -69,9 +59,8 @@ INF = float("inf")
 def bytes_to_unicode():
     """GPT-2's map from the 256 byte values to printable characters.
 
-    Printable Latin-1 bytes map to themselves; the rest (space, control bytes)
-    shift to U+0100.. so that every token is a readable string without
-    whitespace: b" " -> "Ġ", b"\\n" -> "Ċ". tokenizer.json stores tokens this way.
+    Printable Latin-1 bytes map to themselves; the rest (space, control bytes) shift to U+0100.. so
+    that every token is a readable string without whitespace: b" " -> "Ġ", b"\\n" -> "Ċ" (tokenizer.json).
     """
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
     shifted = [b for b in range(256) if b not in keep]
@@ -163,12 +152,11 @@ def merge_pair(ids, pair, new_id):
 def train_merges(words, counts, vocab_target, incremental=True):
     """Learn merges over unique pre-token words until the vocab has vocab_target tokens.
 
-    words: byte-id lists, one per unique pre-token; counts: how often each occurs.
-    Returns (tokens, merges): tokens[id] is the bytes of token id (0..255 are the
-    bytes themselves), merges[r] = (a, b) is the r-th merge. Each step merges the
-    most frequent adjacent pair; ties go to the smallest (a, b), so the result
-    does not depend on dict order. incremental=False recounts every pair of every
-    word at each step (minbpe): the slow reference the fast path is tested against.
+    words: byte-id lists, one per unique pre-token; counts: how often each occurs. Returns (tokens,
+    merges): tokens[id] is the bytes of token id (0..255 are the bytes themselves), merges[r] = (a, b)
+    is the r-th merge. Each step merges the most frequent adjacent pair; ties go to the smallest
+    (a, b), so the result does not depend on dict order. incremental=False recounts every pair of
+    every word at each step (minbpe): the slow reference the fast path is tested against.
     """
     words = [list(w) for w in words]
     tokens = [bytes([b]) for b in range(256)]
@@ -208,9 +196,8 @@ def _count_pairs(words, counts):
 
 
 def _pop_best(heap, pair_counts):
-    # The heap holds (-count, pair) entries that may be stale. Counts of old pairs
-    # only fall, and a pair whose count rises gets a fresh entry, so an entry
-    # whose count is current is the true maximum; a stale one is re-queued.
+    # The heap holds (-count, pair) entries that may be stale. Counts of old pairs only fall, and a pair
+    # whose count rises gets a fresh entry, so one whose count is current is the maximum; a stale one is re-queued.
     while heap:
         neg, pair = heapq.heappop(heap)
         count = pair_counts.get(pair, 0)
@@ -225,8 +212,7 @@ def _apply_merge(words, counts, pair, new_id, pair_counts, where, heap):
     """Merge pair in the words that contain it; update only the pairs around each merge.
 
     In [x, a, b, y], merging (a, b) -> n removes pairs (x, a), (a, b), (b, y) and
-    adds (x, n), (n, y); the rest of the word and every other word are untouched.
-    """
+    adds (x, n), (n, y); the rest of the word and every other word are untouched."""
     risen = set()
     for w in where.pop(pair, ()):
         word, count = words[w], counts[w]
@@ -259,8 +245,7 @@ def train(texts, vocab_size, special_tokens=DEFAULT_SPECIAL_TOKENS, pattern=QWEN
     if isinstance(texts, str):
         raise ValueError("texts must be an iterable of strings, not one string: wrap it in a list")
     special_tokens = list(special_tokens)
-    if len(set(special_tokens)) < len(special_tokens) or not all(s and isinstance(s, str)
-                                                                  for s in special_tokens):
+    if len(set(special_tokens)) < len(special_tokens) or not all(s and isinstance(s, str) for s in special_tokens):
         raise ValueError(f"special_tokens must be distinct non-empty strings, got {special_tokens}")
     need = 256 + len(special_tokens)
     if vocab_size < need:
@@ -278,7 +263,7 @@ def train(texts, vocab_size, special_tokens=DEFAULT_SPECIAL_TOKENS, pattern=QWEN
     vocab = {t: i for i, t in enumerate(tokens)}
     added = [(len(tokens) + k, s, True) for k, s in enumerate(special_tokens)]
     return Tokenizer(vocab, [(tokens[a], tokens[b]) for a, b in merges], added, [pattern],
-                     default_system=default_system)
+                     chat=ChatTemplate(default_system=default_system))
 
 
 # -----------------------------------------------------------------------------
@@ -290,11 +275,11 @@ class Tokenizer:
 
     vocab: bytes -> id for the BPE tokens; merges: ordered (bytes, bytes) pairs;
     added: (id, content, special) for tokens matched verbatim in text, like
-    "<|im_end|>"; patterns: pre-tokenizer regexes applied in turn.
+    "<|im_end|>"; patterns: pre-tokenizer regexes applied in turn; chat: a chat.ChatTemplate.
     """
 
     def __init__(self, vocab, merges, added, patterns, normalizer=None, ignore_merges=False,
-                 default_system=None, unk=None):
+                 chat=None, unk=None):
         self._tokens = _token_table(vocab, added)  # id -> bytes
         self._added = {content: i for i, content, _ in added}
         self._special = {content for _, content, special in added if special}
@@ -316,30 +301,25 @@ class Tokenizer:
         self.normalizer = normalizer
         self.ignore_merges = ignore_merges
         self._vocab = vocab  # only read when ignore_merges is set
-        self.default_system = default_system
         self._cache = {}
         by_length = sorted(self._added, key=len, reverse=True)  # longest first, as `tokenizers` matches
         self._added_re = _alternation(by_length)  # allow_special=True: all added tokens
         self._plain_re = _alternation([t for t in by_length if t not in self._special])  # non-special only
-        self._special_re = _alternation([t for t in by_length if t in self._special])
+        self.special_re = _alternation([t for t in by_length if t in self._special])  # chat.py reads it
         self._fingerprint = None
-        self.chat_template = None  # a model's own Jinja template; None: our ChatML (the Python path below)
-        self.special_tokens_map = {}  # tokenizer_config.json's bos_token, eos_token, ...: the template sees them
-        self._template = None  # compiled chat_template
+        self.chat = chat or ChatTemplate()  # its special_tokens_map also names eos and pad
 
     # --- properties the other modules use
 
-    @property
-    def vocab_size(self):
-        return len(self._tokens)
+    vocab_size = property(lambda self: len(self._tokens))
 
     def token_id(self, token):
         """Id of an added token such as "<|im_end|>"; None if the vocab has no such token."""
         return self._added.get(token)
 
-    eos_id = property(lambda self: self.token_id(self.special_tokens_map.get("eos_token", ENDOFTEXT)),
+    eos_id = property(lambda self: self.token_id(self.chat.special_tokens_map.get("eos_token", ENDOFTEXT)),
                       doc="ends a document: tokenizer_config.json's eos_token, ours <|endoftext|>")
-    pad_id = property(lambda self: self.token_id(self.special_tokens_map.get("pad_token")) or self.eos_id,
+    pad_id = property(lambda self: self.token_id(self.chat.special_tokens_map.get("pad_token")) or self.eos_id,
                       doc="pad_token if the config names one, else eos")
     im_start_id = property(lambda self: self.token_id(IM_START))
     im_end_id = property(lambda self: self.token_id(IM_END), doc="ends a chat turn")
@@ -349,17 +329,13 @@ class Tokenizer:
         """True for a special token (<|im_end|>, ...): text a user cannot type into a prompt."""
         return self._check_id(token_id) in self._special_ids
 
-    @property
-    def stop_ids(self):
-        """Ids that end generation: end of document or end of turn."""
-        return {i for i in (self.eos_id, self.im_end_id) if i is not None}
+    stop_ids = property(lambda self: {i for i in (self.eos_id, self.im_end_id) if i is not None},
+                        doc="ids that end generation: end of document or end of turn")
 
     @property
     def fingerprint(self):
         """sha256 of the canonical tokenizer.json; it changes with anything that changes ids.
-
-        Data files store it, so tokens made by one tokenizer are never read with another.
-        """
+        Data files store it, so tokens made by one tokenizer are never read with another."""
         if self._fingerprint is None:
             canonical = json.dumps(self.to_hf_json(), sort_keys=True, ensure_ascii=False)
             self._fingerprint = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
@@ -367,20 +343,15 @@ class Tokenizer:
 
     # --- encode / decode
 
-    def encode(self, text, allow_special=False):
-        """Text -> ids. Special tokens in the text are plain text unless allow_special.
-
-        Untrusted text (a user message containing "<|im_end|>") must not be able to
-        close its turn early, so matching special tokens is opt-in. Non-special
-        added tokens are always matched, as `tokenizers` does.
-        """
+    def encode(self, text, allow_special=False, plain_spans=()):
+        """Text -> ids. Special tokens in the text are plain text unless allow_special, and even then
+        where they overlap a (start, end) of plain_spans (chat.py: the contents of a rendered chat).
+        Untrusted text (a user message containing "<|im_end|>") must not be able to close its turn
+        early, so matching special tokens is opt-in. Non-special added tokens are always matched, as
+        `tokenizers` does."""
         if not isinstance(text, str):
             raise ValueError(f"encode takes a str, got {type(text).__name__}")
-        return self._encode(text, self._added_re if allow_special else self._plain_re)
-
-    def _encode(self, text, added_re, plain_spans=()):
-        """Added tokens found by added_re become their ids, except special ones that
-        overlap a (start, end) in plain_spans (user content in a rendered chat)."""
+        added_re = self._added_re if allow_special else self._plain_re
         if added_re is None:
             return self._encode_ordinary(text)
         ids, pos = [], 0
@@ -461,122 +432,31 @@ class Tokenizer:
             ids = [i for i in ids if i not in self._special_ids]
         return b"".join(self._tokens[i] for i in ids).decode("utf-8", errors="replace")
 
-    # --- chat templates: our ChatML, or the model's own Jinja template
+    # --- chat: chat.py lays out a conversation (self.chat), this vocabulary encodes it
+
+    chat_template = property(lambda self: self.chat.source, doc="the model's own Jinja template; None: our ChatML")
 
     def set_chat_template(self, source, special_tokens_map=None):
-        """Use a model's Jinja chat template (None: our ChatML). special_tokens_map holds
-        the names the template may use, {"bos_token": "<s>", "eos_token": ...}. It is
-        compiled here, so a syntax error or a missing jinja2 shows when the model loads."""
-        self.special_tokens_map = dict(special_tokens_map or {})
-        self.chat_template = None if source == self.chat_template_jinja() else source
-        self._template = compile_chat_template(self.chat_template) if self.chat_template else None
+        """A model's Jinja template (None: our ChatML) and the {"bos_token": ...} names it may use."""
+        self.chat = ChatTemplate(source, special_tokens_map, self.chat.default_system)
 
-    def render_chat(self, messages, add_generation_prompt=False):
-        """Messages -> the prompt text. With the model's own template, what transformers'
-        apply_chat_template(..., tokenize=False) returns. Else ChatML:
-        <|im_start|>role\ncontent<|im_end|>\n per turn, after the default system
-        message when the conversation has none; add_generation_prompt appends
-        "<|im_start|>assistant\n" for the model to continue (tokenizer_config.json's
-        Jinja template renders the same).
-        """
-        _check_messages(messages)
-        if self._template is not None:
-            return render_template(self._template, messages, add_generation_prompt, self.special_tokens_map)
-        return "".join(f"{IM_START}{role}\n{content}{IM_END}\n" for role, content in
-                       self._turns(messages)) + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+    def render_chat(self, messages, add_generation_prompt=False):  # -> the prompt text
+        return self.chat.render(messages, add_generation_prompt)
 
-    def encode_chat(self, messages, add_generation_prompt=True):
-        """Messages -> prompt ids. Special-token text inside a message stays plain text."""
-        if self._template is None:
-            return self._chatml(messages, add_generation_prompt)[0]
-        return self._encode_rendered(self.render_chat(messages, add_generation_prompt), messages)
+    def encode_chat(self, messages, add_generation_prompt=True):  # -> prompt ids
+        return self.chat.encode(self, messages, add_generation_prompt)
 
-    def _encode_rendered(self, text, messages):
-        """Ids of a rendered chat: specials recognised, except inside the messages' contents."""
-        return self._encode(text, self._added_re, _content_spans(text, messages, self._special_re))
+    def apply_chat_template(self, messages, add_generation_prompt=False):  # -> (ids, SFT assistant mask)
+        return self.chat.encode_with_mask(self, messages, add_generation_prompt)
 
-    def apply_chat_template(self, messages, add_generation_prompt=False):
-        """Messages -> (ids, assistant_mask); mask[i] = 1 on tokens an SFT loss trains on.
-
-        ChatML: the mask covers each assistant reply and its closing <|im_end|> (so
-        the model learns to stop), not the "<|im_start|>assistant\n" header nor the
-        "\n" after <|im_end|>. Each content is encoded on its own, with specials as
-        plain text: that is what the model sees when it generates after the header.
-        So ids equal encode(render_chat(m), allow_special=True) except where a
-        content starts with a character that would merge with the header's "\n"
-        (a leading newline), or contains special-token text.
-
-        A model's own template: ids are those of the rendered text (as transformers
-        tokenizes it), and assistant message k is masked as what it adds to the
-        conversation before it: the tokens of render(m[:k+1]) past those of
-        render(m[:k], add_generation_prompt=True), both compared with the whole
-        conversation's ids (a token that merges across either boundary stays
-        unmasked). A template that does not render the conversation as such a
-        sequence of extensions (one that rewrites earlier turns, like Qwen3's
-        reasoning stripping) is an error, never a wrong mask.
-        """
-        if self._template is None:
-            return self._chatml(messages, add_generation_prompt)
-        text = self.render_chat(messages, add_generation_prompt)
-        ids = self._encode_rendered(text, messages)
-        mask = [0] * len(ids)
-        for k, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before = self.render_chat(messages[:k], add_generation_prompt=True) if k else None
-            after = self.render_chat(messages[:k + 1])
-            if before is None or not after.startswith(before) or not text.startswith(after):
-                raise ValueError(f"the model's chat template does not render assistant message {k} as an extension "
-                                 "of the conversation before it (it rewrites earlier turns or starts with an "
-                                 "assistant turn), so no SFT loss mask can be derived from it; train with our "
-                                 "ChatML (a tokenizer without chat_template) or adapt the template")
-            lo = _common_prefix(self._encode_rendered(before, messages[:k]), ids)
-            hi = _common_prefix(self._encode_rendered(after, messages[:k + 1]), ids)
-            mask[lo:hi] = [1] * (hi - lo)
-        return ids, mask
-
-    def _chatml(self, messages, add_generation_prompt):
-        _check_messages(messages)
-        if self.im_start_id is None or self.im_end_id is None:
-            raise ValueError(f"this tokenizer has no {IM_START} / {IM_END} tokens, which ChatML needs, and no "
-                             "chat template of its own; train it with the default special_tokens")
-        ids, mask = [], []
-        for role, content in self._turns(messages):
-            header = [self.im_start_id] + self.encode(f"{role}\n")
-            body = self.encode(content) + [self.im_end_id]
-            tail = self.encode("\n")
-            ids += header + body + tail
-            mask += [0] * len(header) + [int(role == "assistant")] * len(body) + [0] * len(tail)
-        if add_generation_prompt:
-            prompt = [self.im_start_id] + self.encode("assistant\n")
-            ids, mask = ids + prompt, mask + [0] * len(prompt)
-        return ids, mask
-
-    def _turns(self, messages):
-        if self.default_system is not None and messages[0]["role"] != "system":
-            yield "system", self.default_system
-        for m in messages:
-            yield m["role"], m["content"]
-
-    def chat_template_jinja(self):
-        """The Jinja equivalent of render_chat, for tokenizer_config.json."""
-        turn = "'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'"
-        template = ""
-        if self.default_system is not None:
-            # json.dumps escapes quotes, backslashes and control characters the way a
-            # Jinja string literal unescapes them.
-            system = json.dumps(self.default_system, ensure_ascii=False)
-            template += ("{%- if messages[0]['role'] != 'system' %}"
-                         "{{- '<|im_start|>system\\n' + " + system + " + '<|im_end|>\\n' }}{%- endif %}")
-        return template + ("{%- for message in messages %}{{- " + turn + " }}{%- endfor %}"
-                           "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+    def chat_template_jinja(self):  # our ChatML as Jinja, with this tokenizer's default system message
+        return chatml_jinja(self.chat.default_system)
 
     # --- save
 
     def to_hf_json(self):
         """The `tokenizers` tokenizer.json as a dict (model BPE, byte-level pre-tokenizer)."""
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
-                      "use_regex": False}
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
         splits = [{"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": False}
                   for p in self.patterns]
         added = [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
@@ -603,13 +483,13 @@ class Tokenizer:
         eos = ENDOFTEXT if self.token_id(ENDOFTEXT) is not None else None
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "chat_template": self.chat_template or self.chat_template_jinja(),
+            "chat_template": self.chat.source or self.chat_template_jinja(),
             "bos_token": None, "eos_token": eos, "pad_token": eos, "unk_token": None,
-            **self.special_tokens_map,  # a model's own, kept when we fine-tune it
+            **self.chat.special_tokens_map,  # a model's own, kept when we fine-tune it
             "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
             "clean_up_tokenization_spaces": False, "split_special_tokens": False,
             "model_max_length": 1 << 30,  # the model's config.json holds the real context length
-            "default_system_message": self.default_system,  # ours: lets load() rebuild render_chat
+            "default_system_message": self.chat.default_system,  # ours: lets load() rebuild ChatML
             "fingerprint": self.fingerprint,
         }
         for name, content in [("tokenizer.json", self.to_hf_json()), ("tokenizer_config.json", config)]:
@@ -650,93 +530,8 @@ def _merge_tables(vocab, merges):
     return order, ranks, merged
 
 
-def _common_prefix(a, b):
-    """Length of the longest common prefix: [1, 2, 3], [1, 2, 4] -> 2."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def _alternation(strings):
     return regex.compile("|".join(map(regex.escape, strings))) if strings else None
-
-
-def _check_messages(messages):
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts, got "
-                         f"{messages!r:.60}")
-    for k, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
-            role = m.get("role") if isinstance(m, dict) else None
-            raise ValueError(f"message {k} has role {role!r}; use one of {', '.join(CHAT_ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise ValueError(f"message {k} content must be a string, got {type(m.get('content')).__name__}; "
-                             "join multi-part content into one string first")
-
-
-# -----------------------------------------------------------------------------
-# A model's own chat template, rendered as transformers renders it
-
-
-def compile_chat_template(source):
-    """Jinja source -> a template, in the environment transformers uses
-    (utils/chat_template_utils.py): sandboxed (a template cannot touch files or
-    call arbitrary methods), trim_blocks + lstrip_blocks, loop controls, a tojson
-    that keeps non-ASCII text, raise_exception() and strftime_now()."""
-    try:
-        import jinja2.ext
-        import jinja2.sandbox
-    except ImportError:
-        raise ImportError("this model's chat template is Jinja: pip install jinja2") from None
-
-    def raise_exception(message):
-        raise jinja2.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateError as e:
-        raise ValueError(f"the chat template does not compile: {e}") from None
-
-
-def render_template(template, messages, add_generation_prompt, special_tokens_map):
-    """The template's text for a conversation. Messages are dicts, so a template
-    may read m['role'] or m.role (Jinja looks up items when attributes fail). Its
-    raise_exception(msg), or any error while rendering, becomes ValueError(msg)."""
-    import jinja2
-    try:
-        return template.render(messages=messages, tools=None, documents=None,
-                               add_generation_prompt=add_generation_prompt, **special_tokens_map)
-    except (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:
-        raise ValueError(f"chat template: {e}") from None
-
-
-def _content_spans(text, messages, special_re):
-    """(start, end) of each message content in the rendered text that contains
-    special-token text, so encoding keeps it plain. Contents are looked for in
-    order, each after the one before; one that the template changed (trimmed, say)
-    cannot be protected, and is an error rather than an injection."""
-    spans, pos = [], 0
-    for k, m in enumerate(messages):
-        content = m["content"]
-        found = text.find(content, pos) if content else -1
-        if found < 0 and content.strip():
-            content = content.strip()
-            found = text.find(content, pos)
-        if found >= 0:
-            pos = found + len(content)
-        if special_re is None or not special_re.search(m["content"]):
-            continue
-        if found < 0:
-            raise ValueError(f"message {k} contains special-token text that the chat template changes, so it "
-                             "cannot be kept as plain text; remove the special-token text")
-        spans.append((found, found + len(content)))
-    return spans
 
 
 # -----------------------------------------------------------------------------
@@ -746,10 +541,9 @@ def _content_spans(text, messages, special_re):
 class StreamDecoder:
     """Feed ids one at a time; get back only whole UTF-8 characters.
 
-    A Chinese character is 3 bytes and may be spread over 2-3 byte tokens; decoding
-    each token alone would print U+FFFD. We keep an incremental UTF-8 decoder that
-    holds an incomplete trailing sequence until its last byte arrives. Bytes that
-    can never become valid UTF-8 still come out as U+FFFD at once.
+    A Chinese character is 3 bytes and may be spread over 2-3 byte tokens; decoding each token alone
+    would print U+FFFD. An incremental UTF-8 decoder holds an incomplete trailing sequence until its
+    last byte arrives; bytes that can never become valid UTF-8 still come out as U+FFFD at once.
 
         stream = StreamDecoder(tok)
         text = "".join(stream.feed(i) for i in ids) + stream.flush()
@@ -776,17 +570,13 @@ class StreamDecoder:
 
 
 def load(path):
-    """Load a tokenizer from a model directory (tokenizer.json inside), a run directory
-    (its latest checkpoint) or a tokenizer.json path, with the chat template and
-    special-token names of tokenizer_config.json / chat_template.jinja beside it."""
+    """Load a tokenizer from a model directory (tokenizer.json inside) or a tokenizer.json path, with
+    the chat template and special-token names of tokenizer_config.json / chat_template.jinja beside it."""
     path = Path(path)
-    if path.is_dir() and not (path / "tokenizer.json").is_file() and (path / "latest").is_file():
-        import checkpoint
-        path = Path(checkpoint.resolve(path))
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
-        raise ValueError(f"no tokenizer.json at {path}: pass a model or run directory, a directory written "
-                         "by Tokenizer.save, or a Hugging Face tokenizer.json file")
+        raise ValueError(f"no tokenizer.json at {path}: pass a model directory (of a run directory, the step_* "
+                         "its `latest` names), a directory written by Tokenizer.save, or a tokenizer.json file")
     config_file = file.parent / "tokenizer_config.json"
     try:
         spec = json.loads(file.read_text(encoding="utf-8"))
@@ -795,39 +585,15 @@ def load(path):
         raise ValueError(f"{file} or its tokenizer_config.json is not valid JSON ({e}); "
                          "re-save it with Tokenizer.save") from None
     try:
-        tok = from_hf_json(spec, default_system=config.get("default_system_message"), source=str(file))
+        tok = from_hf_json(spec, source=str(file))
+        tok.chat = ChatTemplate.from_config(file.parent, config)
     except (KeyError, TypeError, AttributeError, IndexError, regex.error) as e:  # missing or mistyped field
         raise ValueError(f"{file} is malformed ({type(e).__name__}: {e}); re-save it with "
                          "Tokenizer.save or tokenizers") from None
-    tok.set_chat_template(_chat_template_source(file.parent, config), _special_tokens_map(config))
     return tok
 
 
-def _chat_template_source(directory, config):
-    """chat_template.jinja (transformers 5 writes it) or tokenizer_config.json's
-    chat_template: a string, or a list of named templates of which we use "default"."""
-    jinja_file = directory / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
-    source = config.get("chat_template")
-    if isinstance(source, list):
-        source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
-    return source if isinstance(source, str) else None
-
-
-def _special_tokens_map(config):
-    """{"bos_token": "<s>", ...} from tokenizer_config.json, whose values are strings or
-    {"content": ...} objects; unset ones are left out, as transformers leaves them out."""
-    out = {}
-    for name in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
-        value = config.get(name)
-        value = value.get("content") if isinstance(value, dict) else value
-        if isinstance(value, str):
-            out[name] = value
-    return out
-
-
-def from_hf_json(spec, default_system=None, source="tokenizer.json"):
+def from_hf_json(spec, source="tokenizer.json"):
     """Build a Tokenizer from a parsed `tokenizers` tokenizer.json (byte-level BPE only)."""
     def fail(what):
         raise ValueError(f"{source}: {what}; only byte-level BPE tokenizers (GPT-2, Llama-3, Qwen2 style) "
@@ -856,7 +622,7 @@ def from_hf_json(spec, default_system=None, source="tokenizer.json"):
     added = [(t["id"], t["content"], bool(t.get("special"))) for t in spec.get("added_tokens") or []]
     ignore_merges = bool(model.get("ignore_merges"))
     unk = (str_to_token(model["unk_token"]), bool(model.get("fuse_unk"))) if model.get("unk_token") else None
-    return Tokenizer(vocab, merges, added, patterns, normalizer, ignore_merges, default_system, unk)
+    return Tokenizer(vocab, merges, added, patterns, normalizer, ignore_merges, unk=unk)
 
 
 def _parse_normalizer(spec, fail):
@@ -909,8 +675,7 @@ def _read_texts(files):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a tokenizer on text or JSONL files")
     p.add_argument("--input", nargs="+", required=True, help=".txt (one text per line) or .jsonl with 'text'")
@@ -918,7 +683,7 @@ def main():
     p.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
     p.add_argument("--default-system", default=None, help="system message used when a chat has none")
     p = sub.add_parser("encode", help="print the ids and pieces of a text (special tokens as text)")
-    p.add_argument("--tokenizer", required=True, help="directory or tokenizer.json")
+    p.add_argument("--tokenizer", required=True, help="model or run directory, or tokenizer.json")
     p.add_argument("text")
     args = parser.parse_args()
     if args.command == "train":
@@ -926,7 +691,8 @@ def main():
         tok.save(args.out)
         print(f"vocab {tok.vocab_size} | fingerprint {tok.fingerprint[:16]} | saved to {args.out}")
     else:
-        tok = load(args.tokenizer)
+        import checkpoint  # a run directory -> its latest checkpoint, here at the CLI
+        tok = load(checkpoint.resolve(args.tokenizer) if Path(args.tokenizer).is_dir() else args.tokenizer)
         ids = tok.encode(args.text)
         pieces = []
         for i in ids:

@@ -13,6 +13,7 @@ import threading
 import pytest
 import torch
 
+import chat
 import checkpoint
 import data
 import tokenizer
@@ -297,8 +298,8 @@ def test_our_chatml_round_trips_as_the_python_path(tmp_path):
     again = tokenizer.load(tmp_path)
     assert again.chat_template is None  # our own template: the Python ChatML path, no Jinja needed
     assert again.apply_chat_template(TURNS) == tok.apply_chat_template(TURNS)
-    assert tokenizer.render_template(tokenizer.compile_chat_template(tok.chat_template_jinja()), TURNS, True,
-                                     {}) == tok.render_chat(TURNS, add_generation_prompt=True)
+    assert chat.render_template(chat.compile_chat_template(tok.chat_template_jinja()), TURNS, True,
+                                {}) == tok.render_chat(TURNS, add_generation_prompt=True)
 
 
 # -----------------------------------------------------------------------------
@@ -407,14 +408,14 @@ def run_dir(hf_model_dir, tmp_path_factory):
 
 
 def test_run_directory_means_its_latest_checkpoint(run_dir, hf_model_dir, capsys):
-    model = Transformer.from_pretrained(run_dir)
+    model = Transformer.from_pretrained(checkpoint.resolve(run_dir))  # the CLIs resolve; loaders take a model dir
     assert f"using its latest checkpoint, {run_dir}/step_000002" in capsys.readouterr().err
     want = Transformer.from_pretrained(hf_model_dir).lm_head.weight * 2
     torch.testing.assert_close(model.lm_head.weight, want)
-    tok = tokenizer.load(run_dir)
+    tok = tokenizer.load(checkpoint.resolve(run_dir))
     assert tok.chat_template == CHATML_DEFAULT_SYSTEM  # the model's template survives our checkpoints
     assert tok.encode_chat(TURNS) == tokenizer.load(hf_model_dir).encode_chat(TURNS)
-    engine = InferenceEngine.from_pretrained(run_dir, max_batch_size=1, max_seq_len=64)
+    engine = InferenceEngine.from_pretrained(checkpoint.resolve(run_dir), max_batch_size=1, max_seq_len=64)
     engine.close()
     assert engine.sampling_defaults == {"temperature": 0.6, "top_p": 0.9}
 

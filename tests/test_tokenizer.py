@@ -249,7 +249,7 @@ def test_save_load_round_trip(tok, tok_dir):
     for path in (tok_dir, tok_dir / "tokenizer.json"):
         again = load(path)
         assert again.fingerprint == tok.fingerprint
-        assert again.default_system == tok.default_system
+        assert again.chat.default_system == tok.chat.default_system
         assert [again.encode(s) for s in CORPUS[:200]] == [tok.encode(s) for s in CORPUS[:200]]
     assert json.loads((tok_dir / "tokenizer_config.json").read_text())["fingerprint"] == tok.fingerprint
 
@@ -279,7 +279,7 @@ def test_chat_template_matches_transformers(tok, tok_dir, messages, add_generati
     theirs = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     ours = tok.render_chat(messages, add_generation_prompt=add_generation_prompt)
     assert ours == theirs
-    system = tok.default_system if messages is CHAT else "Be terse."
+    system = tok.chat.default_system if messages is CHAT else "Be terse."
     assert ours.startswith(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
     assert hf.eos_token == "<|endoftext|>" and hf.pad_token_id == tok.pad_id
     assert hf.encode(ours, add_special_tokens=False) == tok.encode(ours, allow_special=True)

@@ -1,0 +1,234 @@
+"""Chat templates: a conversation -> prompt text, prompt ids, and the assistant mask SFT trains on.
+
+Our ChatML ("<|im_start|>role\\ncontent<|im_end|>\\n" per turn, after a default system message),
+rendered in Python and saved as the equivalent Jinja; or a model's own Jinja template, rendered as
+transformers' apply_chat_template renders it (utils/chat_template_utils.py). Special tokens in the
+rendered text are recognised except inside message contents, so a user who types "<|im_end|>"
+cannot close their turn. The mask: ChatML marks each reply and its <|im_end|>; a model's template
+marks what assistant message k adds to the rendering of messages[:k] plus the generation prompt,
+and a template that rewrites earlier turns is refused, never given a wrong mask. Encoding is the
+tokenizer's, passed in as `tok`: tokenizer.py imports this file, not the reverse.
+
+Left out: tools and documents (templates see tools=None), the {% generation %} tag, multi-part content.
+
+    tok = tokenizer.load("models/SmolLM2")         # tok.chat = ChatTemplate.from_config(that directory)
+    ids, mask = tok.apply_chat_template(messages)  # tok.chat.encode_with_mask(tok, messages)
+"""
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+
+# -----------------------------------------------------------------------------
+# Messages and our ChatML
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_messages(messages):
+    """ValueError, saying what to fix, unless messages is a non-empty list of {"role", "content": str}."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts, got "
+                         f"{messages!r:.60}")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+            role = m.get("role") if isinstance(m, dict) else None
+            raise ValueError(f"message {k} has role {role!r}; use one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"message {k} content must be a string, got {type(m.get('content')).__name__}; "
+                             "join multi-part content into one string first")
+
+
+def chatml_jinja(default_system=None):
+    """Our ChatML as Jinja: the text ChatTemplate.render writes, for tokenizer_config.json."""
+    turn = "'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'"
+    template = ""
+    if default_system is not None:
+        # json.dumps escapes quotes, backslashes and control characters as a Jinja string literal unescapes them
+        system = json.dumps(default_system, ensure_ascii=False)
+        template += ("{%- if messages[0]['role'] != 'system' %}"
+                     "{{- '<|im_start|>system\\n' + " + system + " + '<|im_end|>\\n' }}{%- endif %}")
+    return template + ("{%- for message in messages %}{{- " + turn + " }}{%- endfor %}"
+                       "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+# -----------------------------------------------------------------------------
+# A model's own chat template, rendered as transformers renders it
+
+
+def compile_chat_template(source):
+    """Jinja source -> a template, in the environment transformers uses (utils/chat_template_utils.py):
+    sandboxed (a template cannot touch files or call arbitrary methods), trim_blocks + lstrip_blocks,
+    loop controls, a tojson that keeps non-ASCII text, raise_exception() and strftime_now()."""
+    try:
+        import jinja2.ext
+        import jinja2.sandbox
+    except ImportError:
+        raise ImportError("this model's chat template is Jinja: pip install jinja2") from None
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"the chat template does not compile: {e}") from None
+
+
+def render_template(template, messages, add_generation_prompt, special_tokens_map):
+    """The template's text for a conversation. Messages are dicts, so a template may read m['role'] or m.role
+    (Jinja looks up items when attributes fail). raise_exception(msg) or any render error -> ValueError(msg)."""
+    import jinja2
+    try:
+        return template.render(messages=messages, tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **special_tokens_map)
+    except (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise ValueError(f"chat template: {e}") from None
+
+
+def _content_spans(text, messages, special_re):
+    """(start, end) of each message content in the rendered text that contains special-token text, so
+    encoding keeps it plain. Contents are looked for in order, each after the one before; one that the
+    template changed (trimmed, say) cannot be protected, and is an error rather than an injection."""
+    spans, pos = [], 0
+    for k, m in enumerate(messages):
+        content = m["content"]
+        found = text.find(content, pos) if content else -1
+        if found < 0 and content.strip():
+            content = content.strip()
+            found = text.find(content, pos)
+        if found >= 0:
+            pos = found + len(content)
+        if special_re is None or not special_re.search(m["content"]):
+            continue
+        if found < 0:
+            raise ValueError(f"message {k} contains special-token text that the chat template changes, so it "
+                             "cannot be kept as plain text; remove the special-token text")
+        spans.append((found, found + len(content)))
+    return spans
+
+
+def _common_prefix(a, b):
+    """Length of the longest common prefix: [1, 2, 3], [1, 2, 4] -> 2."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+# -----------------------------------------------------------------------------
+# The template a tokenizer holds
+
+
+@dataclass
+class ChatTemplate:
+    """How a tokenizer lays out a conversation. The methods that encode take the tokenizer
+    as `tok` (its encode(text, allow_special, plain_spans), special_re and token_id)."""
+
+    source: str | None = None  # a model's own Jinja template; None: our ChatML, in Python
+    special_tokens_map: dict = field(default_factory=dict)  # {"bos_token": "<s>", ...}: template variables
+    default_system: str | None = None  # ChatML's system message when a conversation has none
+
+    def __post_init__(self):
+        self.special_tokens_map = dict(self.special_tokens_map or {})
+        if self.source == chatml_jinja(self.default_system):
+            self.source = None  # our own ChatML, saved as Jinja: back to the Python path
+        self._compiled = compile_chat_template(self.source) if self.source else None  # errors show at load
+
+    @classmethod
+    def from_config(cls, directory, config):  # directory: a pathlib.Path
+        """chat_template.jinja (transformers 5 writes it) or tokenizer_config.json's chat_template (a
+        string, or named templates of which we use "default"), the config's special-token names (strings
+        or {"content": ...}; unset ones left out, as transformers does) and our default_system_message."""
+        jinja_file = directory / "chat_template.jinja"
+        source = jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else config.get("chat_template")
+        if isinstance(source, list):
+            source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"),
+                          None)
+        names = {n: config.get(n) for n in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                                            "cls_token", "mask_token")}
+        names = {n: v.get("content") if isinstance(v, dict) else v for n, v in names.items()}
+        names = {n: v for n, v in names.items() if isinstance(v, str)}
+        return cls(source if isinstance(source, str) else None, names, config.get("default_system_message"))
+
+    def render(self, messages, add_generation_prompt=False):
+        """Messages -> the prompt text: transformers' apply_chat_template(..., tokenize=False) for the model's
+        own template; else ChatML, and add_generation_prompt appends "<|im_start|>assistant\\n"."""
+        check_messages(messages)
+        if self._compiled is not None:
+            return render_template(self._compiled, messages, add_generation_prompt, self.special_tokens_map)
+        return "".join(f"{IM_START}{role}\n{content}{IM_END}\n" for role, content in
+                       self._turns(messages)) + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+    def encode(self, tok, messages, add_generation_prompt=True):
+        """Messages -> prompt ids. Special-token text inside a message stays plain text."""
+        if self._compiled is None:
+            return self._encode_chatml(tok, messages, add_generation_prompt)[0]
+        return _encode_rendered(tok, self.render(messages, add_generation_prompt), messages)
+
+    def encode_with_mask(self, tok, messages, add_generation_prompt=False):
+        """Messages -> (ids, assistant_mask); mask[i] = 1 on tokens an SFT loss trains on.
+
+        ChatML: each assistant reply and its <|im_end|> (so the model learns to stop), not the
+        "<|im_start|>assistant\\n" header nor the "\\n" after; each content is encoded on its own, as
+        the model sees it when it generates after the header (so ids differ from tok.encode(render(m),
+        allow_special=True) only where a content starts with a newline or holds special-token text).
+        A model's own template: ids of the rendered text, as transformers tokenizes it; assistant
+        message k is the tokens of render(m[:k+1]) past those of render(m[:k], add_generation_prompt=True),
+        both compared with the whole conversation's ids (a token merging across either boundary stays
+        unmasked). A template that does not render these extensions (one that rewrites earlier turns,
+        like Qwen3's reasoning stripping) is an error, never a wrong mask."""
+        if self._compiled is None:
+            return self._encode_chatml(tok, messages, add_generation_prompt)
+        text = self.render(messages, add_generation_prompt)
+        ids = _encode_rendered(tok, text, messages)
+        mask = [0] * len(ids)
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.render(messages[:k], add_generation_prompt=True) if k else None
+            after = self.render(messages[:k + 1])
+            if before is None or not after.startswith(before) or not text.startswith(after):
+                raise ValueError(f"the model's chat template does not render assistant message {k} as an extension "
+                                 "of the conversation before it (it rewrites earlier turns or starts with an "
+                                 "assistant turn), so no SFT loss mask can be derived from it; train with our "
+                                 "ChatML (a tokenizer without chat_template) or adapt the template")
+            lo = _common_prefix(_encode_rendered(tok, before, messages[:k]), ids)
+            hi = _common_prefix(_encode_rendered(tok, after, messages[:k + 1]), ids)
+            mask[lo:hi] = [1] * (hi - lo)
+        return ids, mask
+
+    def _encode_chatml(self, tok, messages, add_generation_prompt):
+        check_messages(messages)
+        im_start, im_end = tok.token_id(IM_START), tok.token_id(IM_END)
+        if im_start is None or im_end is None:
+            raise ValueError(f"this tokenizer has no {IM_START} / {IM_END} tokens, which ChatML needs, and no "
+                             "chat template of its own; train it with the default special_tokens")
+        ids, mask = [], []
+        for role, content in self._turns(messages):
+            header = [im_start] + tok.encode(f"{role}\n")
+            body = tok.encode(content) + [im_end]
+            tail = tok.encode("\n")
+            ids += header + body + tail
+            mask += [0] * len(header) + [int(role == "assistant")] * len(body) + [0] * len(tail)
+        if add_generation_prompt:
+            prompt = [im_start] + tok.encode("assistant\n")
+            ids, mask = ids + prompt, mask + [0] * len(prompt)
+        return ids, mask
+
+    def _turns(self, messages):
+        if self.default_system is not None and messages[0]["role"] != "system":
+            yield "system", self.default_system
+        for m in messages:
+            yield m["role"], m["content"]
+
+
+def _encode_rendered(tok, text, messages):
+    """Ids of a rendered chat: specials recognised, except inside the messages' contents."""
+    return tok.encode(text, allow_special=True, plain_spans=_content_spans(text, messages, tok.special_re))
