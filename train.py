@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import datetime
 import functools
 import json
 import math
@@ -43,6 +42,7 @@ import data
 import rollout
 import strategies
 import tokenizer as tokenizer_lib
+from distributed import all_reduce, gradient_sync, init_distributed, parallelize, peak_flops, pick_device
 from model import PRESETS, Transformer
 
 
@@ -218,31 +218,7 @@ def lr_at(step: int, total: int, args) -> float:
 
 
 # -----------------------------------------------------------------------------
-# Distributed setup
-
-def pick_device(args, local_rank: int) -> torch.device:
-    if args.device:
-        return torch.device(args.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    if hasattr(torch, "xpu") and torch.xpu.is_available():
-        return torch.device("xpu", local_rank % torch.xpu.device_count())
-    return torch.device("cpu")
-
-
-def init_distributed(args, device: torch.device):
-    """Join the process group torchrun (or our own spawn) described in the environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    backend = args.backend
-    if backend == "auto":
-        backend = {"cuda": "nccl", "xpu": "xccl"}.get(device.type, "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.dist_timeout))
-    return dist.get_rank(), dist.get_world_size()
-
+# Launching local processes (torchrun does this itself)
 
 def _spawned(local_rank: int, argv: list, world: int, port: int):
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
@@ -299,9 +275,6 @@ class OfflineBatches:
 
     def batches(self, stream, step: int) -> list:
         return [to_device(next(stream), self.device) for _ in range(self.grad_accum)]
-
-    def evaluate(self, run, dataset) -> dict:
-        return evaluate_loss(run, dataset)
 
     def after_update(self):
         pass
@@ -432,14 +405,6 @@ def evaluate_loss(run, dataset) -> dict:
     return out
 
 
-def all_reduce(values: list, run, mean=False) -> list:
-    """Sum (or mean) of each value over the ranks, in float64."""
-    t = torch.tensor(values, dtype=torch.float64, device=run.device)
-    if run.world > 1:
-        dist.all_reduce(t)
-    return (t / run.world if mean else t).tolist()
-
-
 def fmt_time(s: float) -> str:
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -491,61 +456,6 @@ def build_run(args, rank, world, device, resume_from=None) -> Run:
 
 
 # -----------------------------------------------------------------------------
-# Data parallelism: DDP or FSDP2
-
-def shard(model, run):
-    """FSDP2 (torch.distributed.fsdp.fully_shard): each Transformer block is one unit whose parameters
-    are gathered for its forward and backward and sharded again after, then the root holds the rest
-    (embeddings, final norm, head). On GPU with bf16, compute runs in bf16 while gradients are reduced,
-    and weights kept, in fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    bf16 = run.device.type == "cuda" and not isinstance(run.autocast, nullcontext)
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-        else MixedPrecisionPolicy()
-    core = model.backbone if isinstance(model, strategies.RewardModel) else model
-    for block in core.model.layers:
-        fully_shard(block, mp_policy=policy)
-    return fully_shard(model, mp_policy=policy)
-
-
-def parallelize(run):
-    """The module the loss runs through. DDP: a full replica per rank, gradients all-reduced. FSDP
-    (--fsdp): parameters, gradients and optimizer state sharded across ranks, so each rank holds
-    1/world of them (the model is sharded in place; a DPO reference too). Built before the optimizer,
-    which must see the sharded parameters."""
-    args, net = run.args, run.model
-    if args.fsdp:
-        shard(run.model, run)
-        reference = getattr(run.strategy, "reference", None)
-        if reference is not None:
-            shard(reference, run)
-    net = torch.compile(net) if args.compile else net
-    if run.world > 1 and not args.fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        net = DDP(net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    return net
-
-
-@contextlib.contextmanager
-def gradient_sync(net, on: bool):
-    """DDP and FSDP reduce gradients over the ranks after every backward unless told not to; only the
-    last micro-batch of a step needs to."""
-    if on:
-        yield
-    elif hasattr(net, "no_sync"):  # DDP
-        with net.no_sync():
-            yield
-    elif hasattr(net, "set_requires_gradient_sync"):  # FSDP2
-        net.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            net.set_requires_gradient_sync(True)
-    else:
-        yield
-
-
-# -----------------------------------------------------------------------------
 # The loop
 
 def optimise(run, net, opt, batches: list, step: int) -> dict:
@@ -581,20 +491,6 @@ def optimise(run, net, opt, batches: list, step: int) -> dict:
     run.source.after_update()  # GRPO: its engine's cached prefixes hold the old weights' keys and values
     keys = sorted(k for k in sums if k != "tokens")
     return {"loss": loss, "grad_norm": grad_norm, **dict(zip(keys, all_reduce([sums[k] for k in keys], run, True)))}
-
-
-# Dense bf16 peak FLOP/s by device name (vendors' datasheets, without sparsity); MFU is only shown
-# for a device listed here. Longer names first: "A100" must not match "A10".
-PEAK_BF16 = {"B200": 2250e12, "H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-             "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "MI300X": 1307e12}
-
-
-def peak_flops(device) -> float:
-    """The running device's dense bf16 peak, or 0 where it is not in PEAK_BF16 (or not a GPU)."""
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), 0.0)
 
 
 def make_optimizer(run):

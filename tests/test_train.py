@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import distributed
 import rollout
 import strategies
 import tokenizer
@@ -475,7 +476,7 @@ def optimise_once(files, batches, world=1):
     run = train.Run(args, 0, world, cpu, tok, model, train.build_strategy(args, model, cpu), None, None, None,
                     contextlib.nullcontext(), train.OfflineBatches(4, 1, cpu))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    net = train.parallelize(run)  # DDP when world > 1
+    net = distributed.parallelize(run)  # DDP when world > 1
     out = train.optimise(run, net, torch.optim.SGD(model.parameters(), lr=1.0), batches, step=0)
     return {k: before[k] - v for k, v in model.state_dict().items()}, out
 
@@ -546,12 +547,12 @@ def test_early_stopping_state_is_saved(files, tmp_path):
 
 def test_mfu_uses_the_running_devices_peak(monkeypatch):
     from types import SimpleNamespace
-    assert train.peak_flops(torch.device("cpu")) == 0
+    assert distributed.peak_flops(torch.device("cpu")) == 0
     cuda = SimpleNamespace(type="cuda")
     for name, peak in [("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10G", 125e12), ("NVIDIA H200", 989e12),
                        ("Tesla T4", 0.0)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
-        assert train.peak_flops(cuda) == peak, name
+        assert distributed.peak_flops(cuda) == peak, name
 
 
 # -----------------------------------------------------------------------------
