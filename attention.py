@@ -1,33 +1,23 @@
-"""Attention: rotary position embeddings, grouped-query attention (GQA),
-multi-head latent attention (MLA), and the paged KV cache both write into.
+"""Attention: rotary position embeddings, grouped-query attention (GQA), multi-head latent
+attention (MLA), and the paged KV cache both write into.
 
-Shapes, everywhere in this file:
-    B batch, T new tokens, S cached length (keys), H query heads,
-    Hkv key/value heads, D head dim, C model dim, R MLA latent rank.
+Shapes: B batch, T new tokens, S cached length (keys), H query heads, Hkv key/value heads,
+D head dim, C model dim, R MLA latent rank.
 
-* RoPE (Su et al. 2021) in the Hugging Face "rotate-half" layout: a head
-  vector x = [x1, x2] rotates as x*cos + [-x2, x1]*sin with angles
-  pos * inv_freq. Frequencies are computed in fp32 from the position ids of
-  each forward, so dynamic NTK scaling needs no stored table. Scaling types
-  `linear`, `dynamic`, `yarn`, `llama3` follow transformers'
-  modeling_rope_utils.py (v5) formula for formula.
-* GQA (Ainslie et al. 2023): Hkv key/value heads shared by H/Hkv query heads.
-  Options: QK-norm (Qwen3: RMSNorm over D per head, before RoPE), gated
-  attention (Qiu et al. 2025, "Gated Attention for LLMs", the G1 variant:
-  an elementwise sigmoid gate computed from the layer input, applied to the
-  SDPA output before o_proj; the gate rides in q_proj as in Qwen3-Next),
-  and q/k/v bias (Qwen2).
-* MLA (DeepSeek-V2 §2.1, V3): keys and values are compressed into one latent
-  c (R dims) per token plus one RoPE key shared by all heads; the cache holds
-  only those. Training expands c to per-head K/V (`naive`); decoding folds the
-  up-projections into the query and the output (`absorbed`), which turns MLA
-  into multi-query attention over the latent, so per-head K/V never exist.
+* RoPE (Su et al. 2021) in the Hugging Face "rotate-half" layout: x = [x1, x2] rotates as
+  x*cos + [-x2, x1]*sin with angles pos * inv_freq, computed in fp32 from each forward's
+  positions (so dynamic NTK needs no table); `linear`, `dynamic`, `yarn`, `llama3` scaling follow
+  transformers' modeling_rope_utils.py (v5) formula for formula.
+* GQA (Ainslie et al. 2023): Hkv key/value heads shared by H/Hkv query heads; QK-norm (Qwen3),
+  gated attention (Qiu et al. 2025, G1: a sigmoid gate from the layer input on the SDPA output,
+  riding in q_proj as in Qwen3-Next), q/k/v bias (Qwen2).
+* MLA (DeepSeek-V2 §2.1, V3): the cache holds one latent c (R dims) per token plus one shared
+  RoPE key. Training expands c to per-head K/V (`naive`); decoding folds the up-projections into
+  the query and output (`absorbed`): multi-query attention over the latent.
+Both call one kernel, `attend`: a readable manual path (einsum + softmax) beside torch's SDPA.
 
-Both attention kinds call one kernel, `attend`, which has a readable manual
-path (einsum + softmax) beside torch's SDPA; tests check they agree.
-
-Left out: sliding windows, ALiBi, paged-attention kernels that read blocks in place
-(we gather a row's keys first), flash-attn varlen kernels.
+Left out: sliding windows, ALiBi, paged-attention kernels that read blocks in place (we gather
+a row's keys first), flash-attn varlen kernels.
 """
 
 import math

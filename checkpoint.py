@@ -8,17 +8,15 @@
         optimizer.safetensors   the optimizer's tensors, keyed "state.{parameter name}.{name}" (full, not
                                 sharded: a run resumes with any number of processes, DDP or FSDP)
         rng.safetensors         torch CPU / CUDA generator states; Python and NumPy Mersenne Twister words
-        trainer_state.json      format_version, step, run config, sampler position, metrics, the rest of
-                                the optimizer state, RNG scalars, and the size and
-                                sha256 of every other file (checked on load: truncation is an error)
+        trainer_state.json      format_version, step, run config, sampler position, metrics, the rest of the
+                                optimizer state, RNG scalars, every other file's size and sha256 (checked)
 
 A checkpoint appears atomically: it is written into .tmp_step_000123_<pid>, every file and the directory
 are fsynced, the directory is renamed to step_000123 (an older one of that name moved aside first), and
 only then does `latest` move (temp file, fsync, os.replace). Whenever the process dies, `latest` names a
 complete checkpoint; what is left over has a .tmp_ name, and the next save deletes it.
 
-Under FSDP every rank takes part in gathering the full model and optimizer state (save() must be called
-on every rank); rank 0 writes it. Left out: sharded checkpoint files (torch.distributed.checkpoint's
+Under FSDP every rank gathers the full state (call save() on every rank); rank 0 writes it. Left out: sharded checkpoint files (torch.distributed.checkpoint's
 format; ours stay Hugging Face directories), per-rank RNG (all ranks resume with rank 0's generators),
 asynchronous saving, more than one writer per run directory.
 """

@@ -5,17 +5,12 @@
     logits = lm_head(rmsnorm(x))                                             (head optionally tied)
     mlp(x) = down(silu(gate(x)) * up(x))                                     (SwiGLU, Shazeer 2020)
 
-Attention (GQA or MLA), RoPE and the KV cache live in attention.py. One
-`forward` serves training (full causal sequences) and inference (new tokens
-written into cache slots at given positions, rows of different lengths in
-one batch).
-
-Checkpoints are Hugging Face model directories: config.json plus
-model.safetensors (or shards with model.safetensors.index.json), parameter
-names as in HF Llama / Qwen2 / Qwen3. A GQA model we save is written as the
-HF architecture that expresses it (llama; qwen2 when q/k/v carry a bias;
-qwen3 with QK-norm) so `transformers` loads it unchanged; MLA and gated
-attention have no HF Llama equivalent and are saved with model_type "astrai".
+Attention (GQA or MLA), RoPE and the KV cache live in attention.py. One `forward` serves training
+(full causal sequences) and inference (new tokens written into cache slots at given positions).
+Checkpoints are Hugging Face model directories (config.json, model.safetensors or shards), parameter
+names as in HF Llama / Qwen2 / Qwen3: a GQA model is saved as the HF architecture that expresses it
+(llama; qwen2 with q/k/v bias; qwen3 with QK-norm) so `transformers` loads it unchanged; MLA and
+gated attention have no HF equivalent and are saved with model_type "astrai".
 
 Left out: mixture-of-experts, sliding-window layers, tensor parallelism.
 

@@ -7,17 +7,11 @@
     rm    Bradley-Terry reward model on preference pairs: a scalar head, or the
           response's mean token log-likelihood (RewardModel)
 
-Conventions: `input_ids` (B, T); a mask (B, T) marks the tokens whose
-log-probability counts (the *target* tokens: position t is predicted by the
-logits at t-1, so the first token of a row is never a target). Log-probs
-are taken in fp32.
-
-Each strategy has loss(model, batch) -> (mean loss over the batch, metrics)
-and count(batch) -> how many units that mean is over (target tokens, pairs,
-sequences). The trainer weights each micro-batch's mean by its count and
-divides by the count of the whole step, over every micro-batch and rank, so
-the gradient of a step does not depend on how its batch is split (grad
-accumulation, DDP): the "global token mean" of DAPO (Yu et al. 2025, §3.3).
+A mask (B, T) over input_ids (B, T) marks the *target* tokens whose log-probability counts
+(position t is predicted by the logits at t-1); log-probs are fp32. loss(model, batch) is a mean
+over count(batch) units (target tokens, pairs, sequences); the trainer weights each micro-batch
+by its count over the whole step's, every micro-batch and rank, so a step's gradient does not
+depend on how its batch is split: the "global token mean" of DAPO (Yu et al. 2025, §3.3).
 
 Left out: PPO with a value model, KTO/ORPO/SimPO, sequence packing.
 """
