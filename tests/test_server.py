@@ -24,7 +24,8 @@ from openai import OpenAI
 import tokenizer
 from engine import InferenceEngine, SamplingParams
 from model import PRESETS, Transformer
-from server import MAX_BODY, default_model_dir, make_server
+from httpd import MAX_BODY
+from server import APIError, chat_completions, completions, default_model_dir, generate, make_server
 
 KEY = "test-key"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,6 +138,47 @@ def test_completions_models_generate_stats_logprobs(client, served, tok):
     assert status == 200 and {"waiting", "running", "free_slots", "decode_tokens_per_s",
                               "time_to_first_token_s"} <= set(stats)
     assert raw(served.port, "GET", "/health", auth=False) == (200, {"status": "ok", "model": "tiny-test"})
+
+
+def test_endpoint_functions_answer_as_the_http_path_does(served):
+    """The endpoints are functions of (engine, body): no socket, the same answers."""
+    body = {"messages": [{"role": "user", "content": "the cat"}], "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True, "logprobs": True, "top_logprobs": 2}
+    direct = chat_completions(served.engine, body, "tiny-test")
+    status, over_http = raw(served.port, "POST", "/v1/chat/completions", json.dumps(body))
+    assert status == 200 and direct["id"].startswith("chatcmpl-")
+    assert {k: v for k, v in direct.items() if k not in ("id", "created")} == \
+        {k: v for k, v in over_http.items() if k not in ("id", "created")}
+
+    events = list(chat_completions(served.engine, body | {"stream": True}, "tiny-test"))
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == \
+        direct["choices"][0]["message"]["content"]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+    plain = {"prompt": "the cat", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    text = completions(served.engine, plain)["choices"][0]["text"]
+    assert generate(served.engine, plain) == raw(served.port, "POST", "/generate", json.dumps(plain))[1]
+    assert generate(served.engine, plain)["text"] == text
+    default = completions(served.engine, {"prompt": "the cat", "temperature": 0, "ignore_eos": True})
+    assert default["usage"]["completion_tokens"] == 16 and default["choices"][0]["logprobs"] is None  # as OpenAI
+
+    with pytest.raises(APIError) as e:
+        chat_completions(served.engine, {"messages": [{"role": "wizard", "content": "hi"}]})
+    assert e.value.status == 400 and e.value.param == "messages[0].role"
+
+
+def test_an_endpoint_whose_client_is_gone_aborts_its_request(served):
+    aborted = served.engine.stats()["requests_aborted"]
+    body = {"prompt": "the cat", "max_tokens": 200, "ignore_eos": True}
+    with pytest.raises(ConnectionAbortedError):
+        completions(served.engine, body, gone=lambda: True)
+    with pytest.raises(ConnectionAbortedError):
+        list(completions(served.engine, body | {"stream": True}, gone=lambda: True))
+    deadline = time.monotonic() + 5
+    while served.engine.stats()["requests_aborted"] < aborted + 2 or served.engine.stats()["running"]:
+        assert time.monotonic() < deadline, served.engine.stats()
+        time.sleep(0.01)
 
 
 # -----------------------------------------------------------------------------
