@@ -72,9 +72,8 @@ def prepare(root, seed, eval_problems):
 def tokenizer_corpus(records):
     """The text the model will read: plain documents, and chat turns as the template lays them out
     between its special tokens (role name, newline, content), so "assistant" is one token as in any
-    chat model's vocabulary. Trained on documents alone it was 8 (a-s-s-i-s-t-an-t), and SFT on
-    seed 1 reached 64% held-out instead of 90%: the reply sat 11 tokens further from the question
-    than in pretraining, and the model had to learn again where to copy the operands from."""
+    chat model's vocabulary (trained on documents alone it splits the role names, and SFT learns
+    less: README, Data)."""
     chats = ["\n".join(f"{m['role']}\n{m['content']}" for m in r["messages"]) for r in records["sft"][:1000]]
     return [r["text"] for r in records["seq"][:5000]] + chats
 

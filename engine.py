@@ -7,18 +7,15 @@
     out = req.result()                                                # .text .token_ids .finish_reason .usage
     outs = engine.generate(prompts, SamplingParams(n=8, logprobs=True))  # offline batches, GRPO rollouts
 
-Callers' threads hand sequences to the engine thread through one locked inbox; that thread owns
-the model, the cache and the scheduler (scheduler.py: who runs, which blocks they hold). Each
-step it runs the scheduler's plan: one (B, 1) decode forward for every sequence past its prompt,
-one forward over a budget of prefill chunks, then sample.sample on every row that reached the
-end of its context, and pushes whole characters of text to each request's queue, checking stops.
-A batch that fails is rerun row by row, so only the failing request sees the error.
+Callers' threads hand sequences to the engine thread through one locked inbox; that thread owns the
+model, the cache and the scheduler (scheduler.py). Each step runs the scheduler's plan: a (B, 1)
+decode forward for every sequence past its prompt, a forward over a budget of prefill chunks, then
+sampling.sample on each row that reached the end of its context; whole characters of text go to each
+request's queue. A failing batch is rerun row by row, so only the failing request sees the error.
+`generate_reference` is the readable path (greedy, no cache); tests hold the engine to it.
 
-`generate_reference` is the readable path (greedy, no cache, the whole sequence through the
-model per token); tests hold the engine to it.
-
-Left out: CUDA graphs, a paged-attention kernel (rows' keys are gathered, then SDPA),
-speculative decoding, beam search.
+Left out: CUDA graphs, a paged-attention kernel (rows' keys are gathered, then SDPA), speculative
+decoding, beam search.
 
     python engine.py --model runs/demo/step_000100 --prompt "Hello" --max-tokens 64
     python engine.py --model DIR --chat

@@ -222,9 +222,8 @@ class RewardModel(nn.Module):
     Both train with the same Bradley-Terry loss (RM). The head is the usual choice for
     judgements that no single token carries (helpfulness, tone). The likelihood checks
     every token where it is written: on the built-in task a head must redo the whole
-    two-digit sum at the last position, which the tiny model cannot (held-out pairwise
-    accuracy 50-54% after 150 steps; the SFT model's likelihood ranks 99% before any
-    training). Saved as the backbone's model directory plus reward_model.json
+    two-digit sum at the last position, which the tiny model cannot (README, Measured).
+    Saved as the backbone's model directory plus reward_model.json
     ({"reward": form}) and, for a head, reward_head.safetensors; GRPO loads either as
     --reward-model.
     """

@@ -366,8 +366,10 @@ def build_source(args, model, tok, strategy, device, autocast, rank):
         return OfflineBatches(args.batch_size, args.grad_accum, device)
     reward = rollout.reward_model_reward(args.reward_model, device) if args.reward_model \
         else rollout.exact_match_reward(tok)
-    cfg = rollout.RolloutConfig(args.group_size, args.max_new_tokens, args.temperature, args.mask_truncated, args.mu,
-                                args.grad_accum, args.seed, max_batch_size=args.batch_size, max_prompt_len=args.seq_len)
+    cfg = rollout.RolloutConfig(group_size=args.group_size, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, mask_truncated=args.mask_truncated, mu=args.mu,
+                                grad_accum=args.grad_accum, seed=args.seed, max_batch_size=args.batch_size,
+                                max_prompt_len=args.seq_len)
     return rollout.Rollouts(model, tok, strategy, reward, cfg, device, autocast, rank)
 
 
