@@ -251,7 +251,12 @@ def save(run_dir, step, model, *, optimizer=None, tokenizer=None, info=None, kee
             assert not clash, f"info keys {sorted(clash)} are trainer_state.json's own"
             state = {**{k: _to_json(v, k) for k, v in (info or {}).items()},
                      "format_version": FORMAT_VERSION, "step": step}
-            tmp = _write_temp(run_dir, name, state, model, model_state, optimizer_state, tokenizer)
+            tmp = os.path.join(run_dir, f"{TEMP_PREFIX}{name}_{os.getpid()}")
+            try:
+                _write_temp(tmp, state, model, model_state, optimizer_state, tokenizer)
+            except BaseException:  # a full disk, a kill signal turned exception: leave nothing half-written
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             _replace_dir(tmp, os.path.join(run_dir, name))
             _fsync(run_dir)
             _write_latest(run_dir, name)
@@ -262,14 +267,13 @@ def save(run_dir, step, model, *, optimizer=None, tokenizer=None, info=None, kee
     return os.path.join(run_dir, name)
 
 
-def _write_temp(run_dir, name, state, model, model_state, optimizer_state, tokenizer) -> str:
-    """Write and fsync the whole checkpoint into a temporary directory; return its path."""
+def _write_temp(tmp, state, model, model_state, optimizer_state, tokenizer):
+    """Write and fsync the whole checkpoint into the temporary directory tmp."""
     opt_tensors = None  # state_dicts go to JSON first: a value JSON cannot hold fails before any write
     if optimizer_state is not None:
         opt_tensors, state["optimizer"] = _split_optimizer(optimizer_state)
     rng_tensors, state["rng"] = _get_rng()
 
-    tmp = os.path.join(run_dir, f"{TEMP_PREFIX}{name}_{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     model.save_pretrained(tmp, state_dict=model_state)
@@ -287,7 +291,45 @@ def _write_temp(run_dir, name, state, model, model_state, optimizer_state, token
     # written last: its presence marks a complete checkpoint
     _write_synced(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1) + "\n")
     _fsync(tmp)
-    return tmp
+
+
+# -----------------------------------------------------------------------------
+# One writer per run directory
+
+LOCK_FILE = ".lock"
+
+
+class RunLocked(ValueError):
+    """Another live process is writing this run directory."""
+
+
+def lock(run_dir):
+    """Take run_dir's writer lock and return it (keep it open while writing; closing releases it).
+
+    An exclusive flock on run_dir/.lock, which names the holder: the kernel drops it when the holder's
+    process ends however it ends, so a killed run's lock is free again and is simply taken over. Once
+    it is held no other writer is alive, so what earlier saves left behind (.tmp_*) is deleted."""
+    import fcntl
+    import socket
+    os.makedirs(run_dir, exist_ok=True)
+    f = open(os.path.join(run_dir, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunLocked(f"{run_dir} is in use by {holder}: one run writes a run directory at a time; wait for "
+                        "it to end, or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    for e in os.listdir(run_dir):
+        if e.startswith(TEMP_PREFIX):
+            path = os.path.join(run_dir, e)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return f
 
 
 # -----------------------------------------------------------------------------
@@ -317,7 +359,7 @@ def resolve(path) -> str:
         raise FileNotFoundError(f"{path}: no such directory; pass a model directory (config.json inside) "
                                 "or a run directory (runs/NAME, with a `latest` file)")
     if os.path.isfile(os.path.join(path, "config.json")) or not os.path.isfile(os.path.join(path, "latest")):
-        return path
+        return verify(path)
     target = latest(path)
     if not os.path.isdir(target):
         raise FileNotFoundError(f"{path}/latest names {os.path.basename(target)}, which does not exist; write the "
@@ -325,7 +367,29 @@ def resolve(path) -> str:
     if path not in _announced:
         _announced.add(path)
         print(f"{path} is a run directory: using its latest checkpoint, {target}", file=sys.stderr)
-    return target
+    return verify(target)
+
+
+def verify(path, skip=("optimizer.safetensors", "rng.safetensors")) -> str:
+    """path, after checking the size and sha256 of each file its trainer_state.json records (what loading
+    a model reads: the optimizer and RNG are checked by load()). A plain model directory has no record."""
+    file = os.path.join(path, STATE_FILE)
+    if os.path.isfile(file):
+        state = _read_json(file)
+        _check_files(path, {k: v for k, v in state.get("files", {}).items() if k not in skip})
+    return path
+
+
+def _check_files(path, files: dict):
+    for name, want in files.items():
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{f} is missing from the checkpoint; {CORRUPT_HINT}")
+        if os.path.getsize(f) != want["bytes"]:
+            raise ValueError(f"{f} has {os.path.getsize(f)} bytes where {STATE_FILE} recorded "
+                             f"{want['bytes']} (truncated or overwritten); {CORRUPT_HINT}")
+        if _sha256(f) != want["sha256"]:
+            raise ValueError(f"{f}: sha256 differs from the one in {STATE_FILE} (corrupted); {CORRUPT_HINT}")
 
 
 def _read_state(path: str) -> dict:
@@ -346,15 +410,7 @@ def _read_state(path: str) -> dict:
         raise ValueError(f"{file}: format_version {version!r} is not one this code reads "
                          f"({FORMAT_VERSION}); it was written by another version of AstrAI (use that one, or "
                          "update checkpoint.py) or is not a trainer state")
-    for name, want in state["files"].items():
-        f = os.path.join(path, name)
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"{f} is missing from the checkpoint; {CORRUPT_HINT}")
-        if os.path.getsize(f) != want["bytes"]:
-            raise ValueError(f"{f} has {os.path.getsize(f)} bytes where {STATE_FILE} recorded "
-                             f"{want['bytes']} (truncated or overwritten); {CORRUPT_HINT}")
-        if _sha256(f) != want["sha256"]:
-            raise ValueError(f"{f}: sha256 differs from the one in {STATE_FILE} (corrupted); {CORRUPT_HINT}")
+    _check_files(path, state["files"])
     state["path"] = path
     return state
 

@@ -647,6 +647,7 @@ def main():
     import argparse
 
     import checkpoint
+    from cli import UsageError
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory (config.json, weights, tokenizer.json) "
                    "or run directory (its latest checkpoint)")
@@ -668,13 +669,15 @@ def main():
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on CPU, as stored in the checkpoint on a GPU")
     args = p.parse_args()
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be >= 1 (got {args.max_tokens})")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         engine = InferenceEngine.from_pretrained(checkpoint.resolve(args.model), device=args.device, dtype=dtype,
                                                  max_batch_size=1, max_seq_len=args.max_seq_len,
                                                  kv_cache_gb=args.kv_cache_gb)
     except (OSError, ValueError, ImportError) as e:
-        raise SystemExit(f"error: cannot load --model {args.model}: {e}")
+        raise UsageError(f"cannot load --model {args.model}: {e}") from None
     print(f"model {args.model} | {engine.model.num_params() / 1e6:.1f}M params | {args.device} "
           f"{engine.model.lm_head.weight.dtype} | {engine.memory()} | sampling defaults "
           f"{engine.sampling_defaults or 'ours'}", file=sys.stderr)
@@ -688,10 +691,11 @@ def main():
             print(f"\n[{out.finish_reason} | {out.usage['completion_tokens']} tokens | "
                   f"{s['decode_tokens_per_s']} tok/s | first token {s['time_to_first_token_s']} s]", file=sys.stderr)
     except RequestError as e:
-        raise SystemExit(f"error: {e}")
+        raise UsageError(str(e)) from None
     finally:
         engine.close()
 
 
 if __name__ == "__main__":
-    main()
+    import cli
+    cli.run(main)

@@ -257,6 +257,10 @@ class RewardModel(nn.Module):
         assert (last >= 0).all(), "every row needs at least one response token"
         return self.score(h[torch.arange(len(ids)), last].float()).squeeze(-1)
 
+    @property
+    def config(self):
+        return self.backbone.config
+
     def num_params(self, non_embedding: bool = False) -> int:
         """The backbone's (the head adds hidden_size + 1)."""
         return self.backbone.num_params(non_embedding)

@@ -42,6 +42,8 @@ import data
 import rollout
 import strategies
 import tokenizer as tokenizer_lib
+import cli
+from cli import UsageError
 from distributed import all_reduce, gradient_sync, init_distributed, parallelize, peak_flops, pick_device
 from model import PRESETS, Transformer
 
@@ -134,56 +136,91 @@ def add_strategy_and_distributed_args(p):
 
 
 def check_args(args):
-    """Every user mistake we can see before doing any work, as one clear message."""
+    """Every user mistake we can see before doing any work, as one clear message (cli.UsageError)."""
     if args.type is None:
-        raise SystemExit("error: --type is required (seq, sft, dpo, grpo or rm)")
+        raise UsageError("--type is required (seq, sft, dpo, grpo or rm)")
     if not args.data:
-        raise SystemExit(f"error: --data is required: an HDF5 file or folder of "
-                         f"{strategies.STRATEGIES[args.type][1]!r} data (python data.py prepare)")
-    if not os.path.exists(args.data):
-        raise SystemExit(f"error: --data {args.data} does not exist")
-    if args.resume and not checkpoint.latest(args.out):
-        raise SystemExit(f"error: --resume but {args.out} has no checkpoint yet; drop --resume to start fresh")
-    if not args.resume and not args.eval_only and checkpoint.latest(args.out):
-        raise SystemExit(f"error: {args.out} already holds a run (latest: {checkpoint.latest(args.out)}); "
-                         "pass --resume to continue it, or choose another --out")
+        raise UsageError(f"--data is required: an HDF5 file or folder of {strategies.STRATEGIES[args.type][1]!r} "
+                         "data (python data.py prepare)")
+    for flag in ("data", "eval_data"):
+        if getattr(args, flag) and not os.path.exists(getattr(args, flag)):
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)} does not exist")
+    check_numbers(args)
+    check_out(args)
     if not args.resume and (args.model is None) == (args.preset is None):
-        raise SystemExit("error: give exactly one of --model DIR or --preset NAME")
+        raise UsageError("give exactly one of --model DIR or --preset NAME")
     if args.preset and not args.tokenizer:
-        raise SystemExit("error: --preset needs --tokenizer DIR (the model's vocabulary comes from it)")
+        raise UsageError("--preset needs --tokenizer DIR (the model's vocabulary comes from it)")
     for name in ("model", "tokenizer", "ref", "reward_model"):  # a run directory -> its latest checkpoint
         if getattr(args, name):
             try:
                 setattr(args, name, checkpoint.resolve(getattr(args, name)))
-            except (FileNotFoundError, ValueError) as e:
-                raise SystemExit(f"error: --{name.replace('_', '-')}: {e}")
-    if args.min_lr > args.lr:
-        raise SystemExit(f"error: --min-lr ({args.min_lr}) is above --lr ({args.lr}); the schedule decays "
-                         "from --lr down to --min-lr")
-    for name in ("batch_size", "grad_accum", "seq_len", "group_size", "mu", "nprocs", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
+            except (OSError, ValueError) as e:
+                raise UsageError(f"--{name.replace('_', '-')}: {e}") from None
+    for name in ("model", "ref", "reward_model"):
+        if getattr(args, name) and not os.path.isfile(os.path.join(getattr(args, name), "config.json")):
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is not a model directory (no "
+                             "config.json); pass a directory save_pretrained wrote, or a run directory")
+    if args.reward_model and not strategies.RewardModel.saved_form(args.reward_model):
+        raise UsageError(f"--reward-model {args.reward_model} is not a reward model (no reward_model.json); "
+                         "train one with --type rm")
     if args.fsdp and args.nprocs < 2 and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        raise SystemExit("error: --fsdp shards over several processes: launch with torchrun or --nprocs N (N >= 2)")
+        raise UsageError("--fsdp shards over several processes: launch with torchrun or --nprocs N (N >= 2)")
     if args.type == "grpo":
         check_grpo_args(args)
     if args.backend == "ccl":
         try:
             import oneccl_bindings_for_pytorch  # noqa: F401  (registers the "ccl" backend)
         except ImportError:
-            raise SystemExit("error: --backend ccl needs Intel's oneCCL bindings: "
-                             "pip install oneccl_bind_pt (matching your torch version), or use --backend gloo")
+            raise UsageError("--backend ccl needs Intel's oneCCL bindings: pip install oneccl_bind_pt "
+                             "(matching your torch version), or use --backend gloo") from None
+
+
+def check_numbers(args):
+    """Flags that are numbers: within their range, or the run would not mean what was asked."""
+    for name in ("batch_size", "grad_accum", "seq_len", "group_size", "mu", "nprocs", "max_new_tokens",
+                 "keep_last", "log_every", "eval_batches"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    for name in ("steps", "save_every", "eval_every", "patience", "warmup", "weight_decay", "clip"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    if not args.steps and not args.epochs > 0:
+        raise UsageError(f"--epochs must be > 0 when --steps is 0 (got {args.epochs}); or give --steps N")
+    if not (args.lr > 0 and args.min_lr >= 0):
+        raise UsageError(f"--lr must be > 0 and --min-lr >= 0 (got {args.lr} and {args.min_lr})")
+    if args.min_lr > args.lr:
+        raise UsageError(f"--min-lr ({args.min_lr}) is above --lr ({args.lr}); the schedule decays from --lr "
+                         "down to --min-lr")
+
+
+def check_out(args):
+    """--out: a run directory (or none yet), which --resume needs a checkpoint in and a new run must not."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file, not a run directory; choose another --out")
+    try:
+        last = checkpoint.latest(args.out)
+    except ValueError as e:
+        raise UsageError(f"--out: {e}") from None
+    if args.resume and not last:
+        raise UsageError(f"--resume but {args.out} has no checkpoint yet; drop --resume to start fresh")
+    if args.resume and not os.path.isdir(last):
+        raise UsageError(f"--resume: {args.out}/latest names {os.path.basename(last)}, which does not exist; "
+                         "write the name of an existing step_* directory into it")
+    if not args.resume and not args.eval_only and last:
+        raise UsageError(f"{args.out} already holds a run (latest: {last}); pass --resume to continue it, or "
+                         "choose another --out")
 
 
 def check_grpo_args(args):
     if args.batch_size % args.group_size:
-        raise SystemExit(f"error: grpo --batch-size ({args.batch_size}) counts completions and must be a "
-                         f"multiple of --group-size ({args.group_size})")
+        raise UsageError(f"grpo --batch-size ({args.batch_size}) counts completions and must be a multiple of "
+                         f"--group-size ({args.group_size})")
     if args.fsdp:
-        raise SystemExit("error: --fsdp does not support grpo: its rollouts run the policy on each rank on its "
-                         "own, while a sharded model needs every rank in each forward; use DDP")
+        raise UsageError("--fsdp does not support grpo: its rollouts run the policy on each rank on its own, "
+                         "while a sharded model needs every rank in each forward; use DDP")
     if args.temperature <= 0:
-        raise SystemExit("error: grpo samples its completions: --temperature must be > 0")
+        raise UsageError("grpo samples its completions: --temperature must be > 0")
 
 
 # -----------------------------------------------------------------------------
@@ -311,23 +348,36 @@ def build_model(args, tok, device, source=None):
     """The model to train: from `source` (a checkpoint being resumed), --model, or --preset."""
     source = source or args.model
     form = strategies.RewardModel.saved_form(source) if args.type == "rm" and source else None
+    if form and args.rm_reward not in (None, form):
+        raise UsageError(f"{source} is a reward model of form {form!r}, not --rm-reward "
+                         f"{args.rm_reward}: pass --rm-reward {form} to go on training it")
     if form:
-        if args.rm_reward not in (None, form):
-            raise SystemExit(f"error: {source} is a reward model of form {form!r}, not --rm-reward "
-                             f"{args.rm_reward}: pass --rm-reward {form} to go on training it")
-        return strategies.RewardModel.from_pretrained(source, device=device)
-    if source:
+        model = strategies.RewardModel.from_pretrained(source, device=device)
+    elif source:
         model = Transformer.from_pretrained(source, dtype=torch.float32)
     else:
         cfg = dataclasses.replace(PRESETS[args.preset], vocab_size=tok.vocab_size,
                                   bos_token_id=tok.eos_id, eos_token_id=tok.im_end_id)
         model = Transformer(cfg)
-    if model.config.vocab_size < tok.vocab_size:
-        raise SystemExit(f"error: the model's vocab_size {model.config.vocab_size} is smaller than the "
-                         f"tokenizer's {tok.vocab_size}: they do not belong together")
-    if args.type == "rm":
+    check_fits(args, tok, model.config)
+    if args.type == "rm" and not form:
         model = strategies.RewardModel(model, args.rm_reward or "head")
     return model.to(device)
+
+
+def check_fits(args, tok, cfg):
+    """The tokenizer's ids and the run's sequences fit the model: vocabulary, and --seq-len (+ GRPO's
+    --max-new-tokens) within max_position_embeddings, which in an HF config already counts RoPE scaling."""
+    if cfg.vocab_size < tok.vocab_size:
+        raise UsageError(f"the model's vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
+                         f"{tok.vocab_size}: they do not belong together")
+    need = args.seq_len + (args.max_new_tokens if args.type == "grpo" else 0)
+    if need > cfg.max_position_embeddings:
+        what = f"--seq-len {args.seq_len}" + (f" + --max-new-tokens {args.max_new_tokens}" if need > args.seq_len
+                                              else "")
+        raise UsageError(f"{what} is more than the model's context of {cfg.max_position_embeddings} tokens "
+                         "(max_position_embeddings, RoPE scaling included); lower it, or start from a model "
+                         "with a longer context")
 
 
 def build_reference(args, model, tok, device, resuming: bool):
@@ -399,7 +449,8 @@ def evaluate_loss(run, dataset) -> dict:
             metrics[name] = metrics.get(name, 0.0) + v / len(batches)
     model.train(was_training)
     if not batches:
-        raise SystemExit(f"error: eval data has {len(dataset)} samples, fewer than one batch of {args.batch_size}")
+        raise UsageError(f"eval data has {len(dataset)} samples, fewer than one batch of {args.batch_size}; "
+                         "lower --batch-size or give more data")
     out = {"eval_loss": total / max(count, 1)}
     if isinstance(run.strategy, strategies.CrossEntropy):
         out["eval_ppl"] = math.exp(min(out["eval_loss"], 50))
@@ -416,10 +467,12 @@ def run_from_args(args):
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(args, local_rank)
     rank, world = init_distributed(args, device)
+    writer = None
     try:
         resume_from = checkpoint.latest(args.out) if args.resume else None
-        run = build_run(args, rank, world, device, resume_from)
+        run = build_run(args, rank, world, device, resume_from)  # every input checked: nothing written yet
         try:
+            writer = checkpoint.lock(args.out) if rank == 0 and not args.eval_only else None  # one run per --out
             if not args.eval_only:
                 return fit(run, resume_from)
             result = evaluate(run, run.eval_set or run.dataset)
@@ -428,8 +481,25 @@ def run_from_args(args):
         finally:
             run.source.close()
     finally:
+        if writer:
+            writer.close()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def open_data(args, flag, kind, tok, model) -> data.Dataset:
+    """--data (or --eval-data) as the strategy's dataset, checked against the tokenizer and the model."""
+    path = getattr(args, flag)
+    try:
+        dataset = data.load_dataset(path, kind, args.seq_len, tok.fingerprint)
+    except (ValueError, OSError) as e:  # h5py: OSError for a file that is not HDF5, or truncated
+        raise UsageError(f"--{flag.replace('_', '-')} {path}: {e}") from None
+    vocab = max(s.vocab_size for s in dataset.segments)
+    if len(dataset) == 0 or vocab > model.config.vocab_size:
+        raise UsageError(f"--{flag.replace('_', '-')} {path}: " + ("holds no samples" if len(dataset) == 0 else
+                         f"its token ids go up to {vocab - 1}, past the model's vocabulary of "
+                         f"{model.config.vocab_size}") + "; prepare it again (python data.py prepare)")
+    return dataset
 
 
 def build_run(args, rank, world, device, resume_from=None) -> Run:
@@ -441,14 +511,15 @@ def build_run(args, rank, world, device, resume_from=None) -> Run:
     if resume_from:  # where the run started, so the reference model is the same one
         started = checkpoint.load(resume_from, restore_rng=False)["config"]
         args.model, args.preset, args.ref = started["model"], started["preset"], started["ref"]
-    tok = tokenizer_lib.load(resume_from or args.tokenizer or args.model)
+    where = resume_from or args.tokenizer or args.model
+    try:
+        tok = tokenizer_lib.load(where)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{where} has no usable tokenizer ({e}); pass --tokenizer DIR") from None
     model = build_model(args, tok, device, source=resume_from)
     kind = strategies.STRATEGIES[args.type][1]
-    try:
-        dataset = data.load_dataset(args.data, kind, args.seq_len, tok.fingerprint)
-        eval_set = data.load_dataset(args.eval_data, kind, args.seq_len, tok.fingerprint) if args.eval_data else None
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    dataset = open_data(args, "data", kind, tok, model)
+    eval_set = open_data(args, "eval_data", kind, tok, model) if args.eval_data else None
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     strategy = build_strategy(args, model, device, tok, resume_from is not None)
@@ -563,6 +634,23 @@ def progress_line(record, total, eta) -> str:
             f"{record['tokens_per_s']:,.0f} tok/s | eta {fmt_time(eta)}{extra}")
 
 
+def open_metrics(out, step):
+    """OUT/metrics.jsonl to append to, first cut back to the records of steps <= step, so a resumed run's
+    metrics read as one run (a killed run logged the steps after its last checkpoint, maybe half a line)."""
+    path = os.path.join(out, "metrics.jsonl")
+    if os.path.exists(path):
+        kept = []
+        with open(path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):  # a line cut off by the kill
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
 def fit(run, resume_from):
     """The optimisation loop: batches, optimizer steps, metrics, evaluation, checkpoints."""
     args, rank, world = run.args, run.rank, run.world
@@ -574,7 +662,7 @@ def fit(run, resume_from):
     step, progress = resume(run, opt, resume_from)
     log_start(run, total, per_step)
     os.makedirs(args.out, exist_ok=True)
-    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
+    metrics_file = open_metrics(args.out, step) if rank == 0 else None
     stream = batch_stream(run.dataset, sampler, progress["samples"] // world, run.source.per_micro, run.collate)
     t_start, start_step, record = time.time(), step, {}
     net.train()
@@ -629,6 +717,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a rank that torchrun started
         exit_worker()

@@ -356,5 +356,40 @@ def test_future_format_version_is_rejected(tmp_path):
         checkpoint.load(path, Transformer(SMALL))
 
 
+def test_a_save_cut_short_leaves_nothing_half_written(tmp_path, monkeypatch):
+    """The disk fills while a checkpoint is written: the save fails with the OS error, `latest` still
+    names the previous checkpoint, and no .tmp_ directory is left behind."""
+    import errno
+    model = Transformer(SMALL)
+    checkpoint.save(tmp_path, 1, model)
+    real = Transformer.save_pretrained
+
+    def full_disk(self, path, *args, **kwargs):
+        real(self, path, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(path, "model.safetensors"))
+    monkeypatch.setattr(Transformer, "save_pretrained", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(tmp_path, 2, model)
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_000001"]
+    assert checkpoint.latest(tmp_path) == os.path.join(tmp_path, "step_000001")
+
+
+def test_resolve_checks_what_trainer_state_records(tmp_path):
+    """A model directory with a trainer_state.json is verified wherever a CLI loads it (resolve); a plain
+    HF directory has no record to check."""
+    path = checkpoint.save(tmp_path, 1, Transformer(SMALL))
+    assert checkpoint.resolve(tmp_path) == path
+    weights = os.path.join(path, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-3, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(ValueError, match="model.safetensors: sha256 differs"):
+        checkpoint.resolve(tmp_path)
+    os.remove(os.path.join(path, "trainer_state.json"))  # now a plain model directory: nothing recorded
+    assert checkpoint.resolve(path) == path
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["zygote"]:
     zygote(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -188,11 +188,14 @@ def test_resume_is_bit_identical(kind, files, tmp_path):
     part.mkdir()
     shutil.copytree(tmp_path / "full" / "step_000003", part / "step_000003")
     (part / "latest").write_text("step_000003\n")
-    (part / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics(tmp_path / "full")[:3]))
+    # killed at step 5: it had logged steps 4 and 5 past its checkpoint, the last line half written
+    logged = "".join(json.dumps(m) + "\n" for m in metrics(tmp_path / "full")[:5])
+    (part / "metrics.jsonl").write_text(logged + logged.splitlines()[-1][:20])
     r = run_cli(*common, "--out", part, "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stdout
     full, resumed = metrics(tmp_path / "full"), metrics(part)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]  # one run's metrics: steps 4, 5 once
     assert [m["loss"] for m in resumed] == [m["loss"] for m in full]
     assert [m["lr"] for m in resumed] == [m["lr"] for m in full]
     a = load_file(str(tmp_path / "full" / "step_000006" / "model.safetensors"))
@@ -308,13 +311,75 @@ def test_nan_stops_before_the_update_and_is_never_saved(what, files, tmp_path, m
     (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/model", "--resume", "--out", "{d}/none"], "no checkpoint yet"),
     (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/model", "--out", "{d}/done"], "already holds a run"),
     (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/model", "--lr", "1e-5"], "--min-lr (3e-05) is above"),
+    (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/model", "--steps", "-3"], "--steps must be >= 0"),
+    (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/model", "--epochs", "0"], "--epochs must be > 0"),
+    (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/model", "--save-every", "-1"], "--save-every must"),
+    (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/model", "--keep-last", "0"], "--keep-last must be"),
+    (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/model", "--lr", "-1"], "--lr must be > 0"),
+    (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/model", "--seq-len", "2048"],
+     "--seq-len 2048 is more than the model's context of 1024 tokens"),
+    (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/model", "--out", "{d}/seq.h5"], "is a file"),
+    (["--type", "grpo", "--data", "{d}/grpo.h5", "--model", "{d}/model", "--reward-model", "{d}/model"],
+     "is not a reward model"),
+    (["--type", "seq", "--data", "{d}/tok/tokenizer.json", "--model", "{d}/model"], "--data {d}/tok/tokenizer.json:"),
+    (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/bare"], "has no usable tokenizer"),
+    (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/model", "--out", "{d}/garbage", "--resume"],
+     "holds 'not a step'"),
+    (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/model", "--out", "{d}/dangling", "--resume"],
+     "names step_000009, which does not exist"),
 ])
 def test_bad_arguments_stop_before_training(argv, message, files):
+    """Exit status 2 and one `error:` line naming the flag or file, before anything is written."""
     d, _ = files
-    r = run_cli(*[a.format(d=d) for a in argv])
-    assert r.returncode != 0
-    assert message in r.stderr, r.stderr[-2000:]
+    for name, latest in (("garbage", "not a step"), ("dangling", "step_000009")):
+        (d / name).mkdir(exist_ok=True)
+        (d / name / "latest").write_text(latest + "\n")
+    if not (d / "bare").exists():  # a model directory without a tokenizer
+        shutil.copytree(d / "model", d / "bare", ignore=shutil.ignore_patterns("tokenizer*"))
+    r = run_cli(*[a.format(d=d) for a in argv], "--log-every", "1")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message.format(d=d) in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "error: " in r.stderr.strip().splitlines()[-1]  # argparse says "train.py: error: ..."
     assert "step 1/" not in r.stdout
+
+
+def test_a_corrupted_checkpoint_is_refused_as_a_start(files, tmp_path):
+    """--model checks the sha256 that trainer_state.json records, as --resume does."""
+    d, _ = files
+    r = run_cli("--type", "seq", "--data", d / "seq.h5", "--model", d / "model", "--out", tmp_path / "a",
+                "--steps", 1, *SMALL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    weights = tmp_path / "a" / "step_000001" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-5] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    r = run_cli("--type", "seq", "--data", d / "seq.h5", "--model", tmp_path / "a", "--out", tmp_path / "b",
+                "--steps", 1, *SMALL)
+    assert r.returncode == 2 and "model.safetensors: sha256 differs" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "b").exists()
+
+
+def test_one_run_writes_a_run_directory_at_a_time(files, tmp_path):
+    """A live writer's lock refuses a second run, naming its pid; a killed writer's lock is taken over
+    and what it left half-written (.tmp_*) is cleaned."""
+    d, _ = files
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, checkpoint; f = checkpoint.lock(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(60)", str(out)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = run_cli("--type", "seq", "--data", d / "seq.h5", "--model", d / "model", "--out", out, "--steps", 1,
+                    *SMALL)
+        assert r.returncode == 1 and f"is in use by pid {holder.pid} on " in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and not (out / "latest").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    (out / ".tmp_step_000001_999999").mkdir()  # what a save cut short by a full disk would leave
+    r = run_cli("--type", "seq", "--data", d / "seq.h5", "--model", d / "model", "--out", out, "--steps", 1, *SMALL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(out)) == [".lock", "latest", "metrics.jsonl", "step_000001"]
 
 
 def test_incompatible_checkpoint_is_refused(files, tmp_path):
