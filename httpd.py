@@ -7,7 +7,9 @@ unfriendly clients; it knows nothing of what is served (server.py puts the OpenA
 - One daemon thread per connection, at most max_connections; the next ones get a quick 503
   + Retry-After. A listen backlog sized for bursts; the open-files limit lifted to fit.
 - A timeout on every read and write, so stalled clients and streams nobody reads end;
-  client_gone() for handlers that wait; TCP_NODELAY.
+  client_gone() for handlers that wait; TCP_NODELAY. The request line and headers (and the
+  wait for them on a kept-alive connection) get a short deadline of their own, in all, so
+  clients that never finish them (slowloris) cannot hold the cap for the whole timeout.
 - Content-Length parsed strictly (RFC 9112 section 6.3); a JSON body nested too deeply or
   holding a huge integer is a 400, never a 500.
 - until_signal() waits for SIGINT / SIGTERM; server_close() lets busy handlers finish, then
@@ -28,7 +30,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MAX_BODY = 1 << 20  # bytes; a 128k-token prompt is well under this
-TIMEOUT_S = 30.0  # default --timeout: each read of a request and each write of a response
+TIMEOUT_S = 30.0  # default --timeout: each read of a request's body and each write of a response
+HEADER_TIMEOUT_S = 5.0  # the request line and headers, all of them, from the start of the wait (at most the timeout)
 MAX_CONNECTIONS = 256  # default --max-connections: one thread each; past it, a quick 503
 BACKLOG = 1024  # connections the kernel queues before accept(): a burst of new clients waits, not resets
 
@@ -76,6 +79,21 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.log_requests:
             super().log_message(format, *args)
 
+    def handle_one_request(self):
+        """One request, whose request line and headers must all arrive by the server's header
+        deadline (it ends the connection otherwise); the body and the response get --timeout."""
+        self.server.head_by(self.connection, time.monotonic() + self.server.header_timeout)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.head_by(self.connection, None)
+
+    def parse_request(self):  # reads the headers: the deadline ends here
+        try:
+            return super().parse_request()
+        finally:
+            self.server.head_by(self.connection, None)
+
     def read_json(self):
         """The body, a JSON object, read by its Content-Length."""
         if self.headers.get("Transfer-Encoding") is not None:
@@ -108,22 +126,44 @@ class Server(ThreadingHTTPServer):
     """ThreadingHTTPServer that keeps track of its threads, so server_close() can end them
     (an idle keep-alive handler holding a model's tensors into interpreter exit can abort
     the process there), caps them at max_connections, and has a listen backlog sized for
-    bursts (Python's default of 5 resets the rest). Handlers call busy(+1) / busy(-1)."""
+    bursts (Python's default of 5 resets the rest), and ends connections whose request
+    line and headers are late. Handlers call busy(+1) / busy(-1) and head_by()."""
 
     request_queue_size = BACKLOG
 
     def __init__(self, address, handler, timeout=TIMEOUT_S, max_connections=MAX_CONNECTIONS, log_requests=False,
-                 reject_body=b'{"error": "too many connections; retry shortly"}'):  # JSON, with the 503 past the cap
-        super().__init__(address, handler)
+                 reject_body=b'{"error": "too many connections; retry shortly"}',  # JSON, with the 503 past the cap
+                 header_timeout=HEADER_TIMEOUT_S):
         self.timeout, self.max_connections = timeout, max_connections  # timeout: per read / write, seconds
+        self.header_timeout = min(header_timeout, timeout or header_timeout)  # never longer than the timeout
         self.log_requests, self.reject_body = log_requests, reject_body
         self._lock = threading.Lock()
         self._handlers = {}  # open connection -> its thread
+        self._heads = {}  # connection whose request line and headers are awaited -> their deadline
         self._rejecting = self._busy = 0  # connections being answered 503; handlers inside a request
+        super().__init__(address, handler)  # subtle: last, as a failed bind calls our server_close()
 
     def busy(self, change):
         with self._lock:
             self._busy += change
+
+    def head_by(self, connection, deadline):
+        """The request line and headers on `connection` must arrive by `deadline` (time.monotonic()); None: done."""
+        with self._lock:
+            if deadline is None:
+                self._heads.pop(connection, None)
+            else:
+                self._heads[connection] = deadline
+
+    def service_actions(self):
+        """serve_forever() calls this every poll_interval: end the connections whose head is late. A deadline
+        for the head in all, not per read, as a client could otherwise send a byte every few seconds."""
+        now = time.monotonic()
+        with self._lock:
+            for connection in [c for c, deadline in self._heads.items() if deadline < now]:
+                del self._heads[connection]
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)  # the handler's read returns: it closes the connection
 
     def get_request(self):
         try:

@@ -16,9 +16,11 @@ prompts in /v1/completions, HTTPS (put a reverse proxy in front), rate limits.
 
 import argparse
 import contextlib
+import errno
 import glob
 import hmac
 import json
+import math
 import os
 import sys
 import threading
@@ -27,8 +29,9 @@ import traceback
 import uuid
 from urllib.parse import urlsplit
 
+import cli
 import httpd
-from httpd import MAX_CONNECTIONS, TIMEOUT_S
+from httpd import HEADER_TIMEOUT_S, MAX_CONNECTIONS, TIMEOUT_S
 
 POLL_S = 0.2  # how often a waiting endpoint asks whether its client is still connected
 GRACE_S = 2.5  # on SIGTERM, how long running requests may finish before they are aborted
@@ -374,13 +377,15 @@ class Handler(httpd.Handler):
 # The server and the process
 
 def make_server(engine, host="127.0.0.1", port=8000, api_key=None, model_name="astrai", log_requests=False,
-                timeout=TIMEOUT_S, max_connections=MAX_CONNECTIONS):
+                timeout=TIMEOUT_S, max_connections=MAX_CONNECTIONS, header_timeout=HEADER_TIMEOUT_S):
     """An httpd.Server bound to (host, port), not yet serving: run server.serve_forever()
     in a thread; port=0 picks a free port (server.server_port). The handler answers from
-    server.engine (None: 503 until it is set), .api_key (None: none needed), .model_name."""
+    server.engine (None: 503 until it is set), .api_key (None: none needed), .model_name.
+    header_timeout: seconds for a request line and headers in all (at most timeout)."""
     full = json.dumps(APIError(503, f"the server has {max_connections} connections open (--max-connections); "
                                "retry shortly", type="server_error", code="too_many_connections").body()).encode()
-    server = httpd.Server((host, port), Handler, timeout, max_connections, log_requests, reject_body=full)
+    server = httpd.Server((host, port), Handler, timeout, max_connections, log_requests, reject_body=full,
+                          header_timeout=header_timeout)
     server.engine, server.api_key, server.model_name = engine, api_key or None, model_name
     server.created, server.stopping = int(time.time()), False
     return server
@@ -398,8 +403,8 @@ def default_model_dir(root="runs"):
         if target and os.path.isfile(os.path.join(target, "config.json")):
             found.append((os.path.getmtime(os.path.join(run, "latest")), target))
     if not found:
-        raise SystemExit(f"no trained model found: nothing matches {os.path.abspath(root)}/*/latest. Train one "
-                         "with `python train.py` (it writes runs/NAME/latest), or pass --model DIR.")
+        raise cli.UsageError(f"no trained model found: nothing matches {os.path.abspath(root)}/*/latest. Train "
+                             "one with `python train.py` (it writes runs/NAME/latest), or pass --model DIR.")
     return max(found)[1]
 
 
@@ -432,43 +437,72 @@ def build_parser():
                    help="weights and KV cache (default: float32 on CPU, as stored on a GPU); bfloat16 halves both")
     p.add_argument("--served-model-name", default=None, help="name in /v1/models (default: the directory name)")
     p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds a client may take over each read of "
-                   "its request and each write of the response; a stream whose client stops reading is aborted "
-                   "after it (default %(default)s)")
+                   "its request's body and each write of the response; a stream whose client stops reading is "
+                   f"aborted after it; the request line and headers get {HEADER_TIMEOUT_S:g} s in all, or this if "
+                   "shorter (default %(default)s)")
     p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
                    help="open connections served at once; more get 503 + Retry-After (default %(default)s)")
     return p
+
+
+def check_args(args, given):
+    """The flags, checked before the port is bound or the model loads: a mistake costs one line (exit 2),
+    not a wait. Returns the model directory (a run directory resolved to its latest checkpoint)."""
+    positive = lambda x: x is None or (math.isfinite(x) and x > 0)  # noqa: E731
+    for ok, message in [(0 <= args.port <= 65535, f"--port {args.port} is not in 0..65535 (0 picks a free port)"),
+                        (positive(args.timeout), f"--timeout {args.timeout} must be a number of seconds > 0"),
+                        (args.max_connections >= 1, f"--max-connections {args.max_connections} must be >= 1"),
+                        (args.max_batch_size >= 1, f"--max-batch-size {args.max_batch_size} must be >= 1"),
+                        (positive(args.max_seq_len), f"--max-seq-len {args.max_seq_len} must be >= 1"),
+                        (positive(args.kv_cache_gb), f"--kv-cache-gb {args.kv_cache_gb} must be > 0")]:
+        if not ok:
+            raise cli.UsageError(message)
+    import checkpoint
+    try:
+        model_dir = checkpoint.resolve(given)
+    except (OSError, ValueError) as e:  # no such directory, a malformed or dangling `latest`
+        raise cli.UsageError(f"--model {e}") from None
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise cli.UsageError(f"--model {given}: {model_dir} holds no config.json; pass a model directory "
+                             "(config.json and safetensors weights) or a run directory (runs/NAME)")
+    return model_dir
 
 
 def load_engine(server, args, model_dir):
     """Load the model into server.engine (the server answers 503 until then) and say what it holds."""
     import torch
 
-    import checkpoint
     from engine import InferenceEngine
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    server.engine = e = InferenceEngine.from_pretrained(  # from a model directory, so resolve a run directory
-        checkpoint.resolve(model_dir), device=device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+    server.engine = e = InferenceEngine.from_pretrained(  # a model directory: check_args resolved a run directory
+        model_dir, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None,
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, kv_cache_gb=args.kv_cache_gb)
     print(f"ready: {e.model.num_params() / 1e6:.1f}M params on {device} ({e.model.lm_head.weight.dtype}) | "
           f"{e.memory()} | sampling defaults from the model: {e.sampling_defaults or 'none'}", flush=True)
 
 
 def main():
+    # 1. Flags and the model directory, before anything is bound or loaded
     args = build_parser().parse_args()
-    if args.timeout <= 0 or args.max_connections < 1:
-        raise SystemExit("error: --timeout must be > 0 and --max-connections >= 1")
+    given = args.model or default_model_dir()
+    model_dir = check_args(args, given)
+    name = args.served_model_name or os.path.basename(os.path.normpath(given))
+    # 2. Listen: /health answers 503 while the model loads
     httpd.raise_open_files_limit(args.max_connections)
-    model_dir = args.model or default_model_dir()
-    name = args.served_model_name or os.path.basename(os.path.normpath(model_dir))
-    server = make_server(None, args.host, args.port, args.api_key, name, log_requests=True, timeout=args.timeout,
-                         max_connections=args.max_connections)
+    try:
+        server = make_server(None, args.host, args.port, args.api_key, name, log_requests=True, timeout=args.timeout,
+                             max_connections=args.max_connections)
+    except OSError as e:  # in use; a port below 1024 without the right; a host that is not this machine's
+        hint = "pick another --port or stop what holds it" if e.errno == errno.EADDRINUSE else "check --host, --port"
+        raise OSError(f"cannot listen on {args.host}:{args.port}: {(e.strerror or str(e)).lower()}; {hint}") from e
     threading.Thread(target=server.serve_forever, args=(0.1,), name="http", daemon=True).start()
     print(f"serving {model_dir} as {name!r} on http://{args.host}:{server.server_port} "
           f"(key {'required' if args.api_key else 'not required'}); loading...", flush=True)
+    # 3. Load, then serve until SIGINT / SIGTERM
     failed = httpd.until_signal(lambda: load_engine(server, args, model_dir), name="load")
     if failed:
-        shutdown(server, grace=0)
-        raise SystemExit(f"could not load {model_dir}: {failed}")
+        shutdown(server, grace=0)  # a bad file, device or memory: one line (ASTRAI_DEBUG=1: the traceback)
+        raise ValueError(f"could not load {model_dir}: {failed}") from failed
     print(f"shutting down: running requests get {GRACE_S} s to finish", flush=True)
     shutdown(server)
     sys.stdout.flush()
@@ -477,4 +511,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -2,6 +2,7 @@
 cannot produce the mistake): wire format, error mapping, concurrency, disconnects, SIGTERM."""
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import http.client
 import json
@@ -337,6 +338,47 @@ def test_no_model_exits_with_a_hint(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "server.py")], cwd=tmp_path, capture_output=True,
                        text=True, timeout=30)
     assert r.returncode != 0 and "python train.py" in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok):
+    path = str(tmp_path_factory.mktemp("served") / "model")
+    tiny_model(tok).save_pretrained(path)
+    tok.save(path)
+    return path
+
+
+def run_server(*flags):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "server.py"), *flags], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_a_port_in_use_is_one_line(model_dir):
+    with socket.socket() as held:  # listening: the server's bind fails with EADDRINUSE
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = run_server("--model", model_dir, "--port", str(port))
+    assert r.returncode == 1 and r.stdout == "", (r.returncode, r.stdout)
+    assert r.stderr.splitlines() == [f"error: cannot listen on 127.0.0.1:{port}: address already in use; pick "
+                                     "another --port or stop what holds it"], r.stderr
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--port", "70000"], "--port 70000 is not in 0..65535"),
+    (["--max-connections", "0"], "--max-connections 0 must be >= 1"),
+    (["--timeout", "0"], "--timeout 0.0 must be a number of seconds > 0"),
+    (["--timeout", "nan"], "--timeout nan must be"),  # once served, with no timeout at all
+    (["--max-batch-size", "0"], "--max-batch-size 0 must be >= 1"),
+    (["--kv-cache-gb", "-1"], "--kv-cache-gb -1.0 must be > 0"),
+    (["--model", "{tmp}/missing"], "missing: no such directory"),
+    (["--model", "{tmp}"], "holds no config.json"),
+])
+def test_bad_flags_exit_2_before_anything_loads(model_dir, tmp_path, flags, says):
+    r = run_server("--model", model_dir, "--port", "0", *[f.format(tmp=tmp_path) for f in flags])
+    assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout)  # stdout: no "serving ...; loading..."
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: ") and says in r.stderr, r.stderr
 
 
 def test_sigterm_exits_within_5_seconds(tmp_path, tok):
@@ -483,6 +525,46 @@ def test_stalled_connections_are_closed_within_the_timeout(side_server):
     finally:
         for s in stalled:
             s.close()
+
+
+def test_clients_that_never_finish_their_headers_free_the_cap_within_the_header_timeout(side_server):
+    """Slowloris: clients that stall in (or trickle) their request line and headers hold the
+    cap only for header_timeout in all, not --timeout; a slow body still gets --timeout."""
+    def closed_by_server(s):
+        s.settimeout(0.5)  # a trickling client's last byte went < 0.2 s ago: a timeout per read would not end it
+        try:
+            return s.recv(1) == b""
+        except ConnectionResetError:  # it sent after the server closed
+            return True
+        except TimeoutError:
+            return False
+
+    port = side_server(timeout=30.0, max_connections=8, header_timeout=1.0)
+    t0 = time.monotonic()
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
+    try:
+        for s in held:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Le")  # and then nothing...
+        assert status_of(exchange(port, request_bytes("GET", "/health"))) == 503  # the cap is full
+        while status_of(exchange(port, request_bytes("GET", "/health"))) != 200:
+            assert time.monotonic() - t0 < 1.0 + 2.0, "stalled headers held the cap past header_timeout"
+            with contextlib.suppress(OSError):
+                held[0].sendall(b"n")  # ...or a byte at a time
+            time.sleep(0.1)
+        assert all(closed_by_server(s) for s in held)
+    finally:
+        for s in held:
+            s.close()
+    body = json.dumps({"prompt": "hi", "max_tokens": 1}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request_bytes("POST", "/v1/completions", headers=[f"Content-Length: {len(body)}"]))
+        for i in range(0, len(body), 8):  # the body over ~2 s, past header_timeout, within --timeout
+            time.sleep(2.0 * 8 / len(body))
+            s.sendall(body[i:i + 8])
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    assert status_of(out) == 200 and json.loads(out.partition(b"\r\n\r\n")[2])["choices"][0]["text"] is not None
 
 
 def test_past_max_connections_a_quick_503(side_server):
