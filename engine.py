@@ -84,6 +84,7 @@ class Result:
 
 
 _request_ids = itertools.count()
+UNREAD_LIMIT = 64  # Deltas per choice a streaming caller may leave unread before its sequences pause
 
 
 class Request:
@@ -95,7 +96,7 @@ class Request:
         self.id = f"req-{next(_request_ids)}"
         self.prompt_ids, self.params, self.max_tokens = prompt_ids, params, max_tokens
         self.submitted_at, self.first_token_at = time.perf_counter(), None
-        self.aborted = False
+        self.aborted, self.streamed = False, False  # streamed: a caller reads Deltas as they come
         self._wake = wake  # tells the scheduler to look at us now (abort)
         self._queue = queue.SimpleQueue()  # Deltas, or the exception that failed the request
         self._choices = [None] * params.n
@@ -112,7 +113,7 @@ class Request:
         """Yield Deltas until every choice has finished. With a timeout, yield None
         whenever that long passes without one, so the caller can look elsewhere
         (the server checks whether its client is still there)."""
-        remaining = self.params.n
+        remaining, self.streamed = self.params.n, True
         while remaining:
             try:
                 item = self._queue.get(timeout=timeout)
@@ -145,6 +146,13 @@ class Request:
             self._wake()
 
     # -- the engine's side
+
+    @property
+    def backlogged(self) -> bool:
+        """A streaming caller is UNREAD_LIMIT Deltas per choice behind: its sequences wait for it to read
+        (backpressure), so a client that stops reading holds its KV blocks, not a growing queue, until the
+        server's write timeout aborts it. result()-only callers are never behind: nobody reads their queue."""
+        return self.streamed and self._queue.qsize() >= UNREAD_LIMIT * self.params.n
 
     @property
     def gone(self):
@@ -419,7 +427,9 @@ class InferenceEngine:
         with torch.inference_mode():
             while self._take_inbox():
                 try:
-                    self._step()
+                    if not self._step():  # every running sequence waits for its reader: no busy loop
+                        with self._cv:
+                            self._cv.wait(0.02)
                 except Exception as e:  # the thread must outlive any one batch: fail it, keep serving
                     print(f"engine: a step failed; failing its {len(self.scheduler.running)} running sequences",
                           file=sys.stderr)
@@ -442,8 +452,9 @@ class InferenceEngine:
             self._forgotten.set()
         return not self._closed
 
-    def _step(self):
-        """Plan, one decode forward for every sequence past its prompt, one budget of prefill chunks."""
+    def _step(self) -> bool:
+        """Plan, one decode forward for every sequence past its prompt, one budget of prefill chunks;
+        False if there was nothing to do."""
         plan = self.scheduler.schedule()
         for seq in plan.aborted:
             self._finish(seq, "abort")
@@ -452,6 +463,7 @@ class InferenceEngine:
         if plan.prefill:
             self._isolated(plan.prefill, "prefill")
         self.scheduler.sweep()
+        return bool(plan.aborted or plan.decode or plan.prefill)
 
     def _isolated(self, rows, kind):
         """_run(rows); if it raises, each row again alone, so that only the rows that fail by

@@ -11,7 +11,7 @@ holds a block table; a full block is named by a hash of (the previous block's na
 so sequences whose contexts begin alike share blocks, counting references, and a prompt seen again
 (a system prompt, the n choices of a request, a GRPO group) is prefilled once. Each step: drop what
 was aborted; admit waiting sequences, oldest first, while the batch has room and blocks remain; give
-every decoding sequence room for one token, preempting the newest when blocks run out (vLLM's
+every decoding sequence whose reader keeps up room for one token, preempting the newest when blocks run out (vLLM's
 "recompute" policy); plan prefill chunks of at most max_prefill_tokens padded tokens (chunked prefill,
 Sarathi-Serve, Agrawal et al. 2024). Only the engine thread calls into this file: it has no locks.
 
@@ -213,7 +213,7 @@ class BlockManager:
 class Plan:
     """One step's work. Rows are (sequence, tokens to compute): the context from seq.cached on."""
     aborted: list  # sequences to end with "abort" (their blocks are already back)
-    decode: list  # [(seq, 1)]: every sequence past its prompt, its last token
+    decode: list  # [(seq, 1)]: every sequence past its prompt (and not backlogged), its last token
     prefill: list  # [(seq, chunk length)], padded size rows * longest chunk <= max_prefill_tokens
 
 
@@ -232,7 +232,7 @@ class Scheduler:
     def schedule(self) -> Plan:
         aborted = self._drop_aborted()
         self._admit()
-        decode = self._reserve([s for s in self.running if s.decoding])
+        decode = self._reserve([s for s in self.running if s.decoding and not s.request.backlogged])
         return Plan(aborted, [(s, 1) for s in decode], self._plan_prefill())
 
     def advance(self, seq, n):

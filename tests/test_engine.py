@@ -506,3 +506,27 @@ def test_changed_weights_need_a_prefix_cache_reset(make_engine, model, tok):
     before = engine.stats()["prefill_tokens"]
     assert engine.submit(prompt, greedy(6)).result().token_ids == want
     assert engine.stats()["prefill_tokens"] - before == len(prompt)
+
+
+def test_a_stream_nobody_reads_pauses_at_the_unread_limit(make_engine, model, tok):
+    """Backpressure: a streaming caller that stops reading holds its sequence (and its blocks) once
+    UNREAD_LIMIT Deltas wait for it, instead of filling memory; reading again resumes it, and the text
+    is the one it would have been. A result()-only caller is never paused."""
+    import engine as engine_lib
+    engine = make_engine(max_seq_len=256)
+    prompt = tok.encode("the cat")
+    want = generate_reference(model, prompt, 200)
+    assert engine.submit(prompt, greedy(200)).result().token_ids == want
+    before = engine.stats()["tokens_generated"]
+    request = engine.submit(prompt, greedy(200))
+    deltas = request.deltas()
+    ids = list(next(deltas).token_ids)  # a streaming reader that then stops reading
+    wait_until(lambda: request.backlogged)
+    made = engine.stats()["tokens_generated"] - before
+    time.sleep(0.3)
+    s = engine.stats()
+    assert s["tokens_generated"] - before == made and engine_lib.UNREAD_LIMIT <= made < 200  # paused midway
+    assert s["running"] == 1 and s["blocks_used"] > 0
+    ids += [t for d in deltas if d is not None for t in d.token_ids]
+    assert ids == want
+
