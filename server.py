@@ -376,16 +376,15 @@ class Handler(httpd.Handler):
 # -----------------------------------------------------------------------------
 # The server and the process
 
-def make_server(engine, host="127.0.0.1", port=8000, api_key=None, model_name="astrai", log_requests=False,
-                timeout=TIMEOUT_S, max_connections=MAX_CONNECTIONS, header_timeout=HEADER_TIMEOUT_S):
+def make_server(engine, host="127.0.0.1", port=8000, api_key=None, model_name="astrai", **transport):
     """An httpd.Server bound to (host, port), not yet serving: run server.serve_forever()
     in a thread; port=0 picks a free port (server.server_port). The handler answers from
     server.engine (None: 503 until it is set), .api_key (None: none needed), .model_name.
-    header_timeout: seconds for a request line and headers in all (at most timeout)."""
-    full = json.dumps(APIError(503, f"the server has {max_connections} connections open (--max-connections); "
-                               "retry shortly", type="server_error", code="too_many_connections").body()).encode()
-    server = httpd.Server((host, port), Handler, timeout, max_connections, log_requests, reject_body=full,
-                          header_timeout=header_timeout)
+    transport: httpd.Server's timeout, max_connections, log_requests, header_timeout."""
+    cap = transport.get("max_connections", MAX_CONNECTIONS)
+    full = json.dumps(APIError(503, f"the server has {cap} connections open (--max-connections); retry shortly",
+                               type="server_error", code="too_many_connections").body()).encode()
+    server = httpd.Server((host, port), Handler, reject_body=full, **transport)
     server.engine, server.api_key, server.model_name = engine, api_key or None, model_name
     server.created, server.stopping = int(time.time()), False
     return server
