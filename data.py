@@ -26,6 +26,8 @@ import argparse
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,10 @@ import h5py
 import numpy as np
 import torch
 
+import cli
+from cli import check_writable, clean_leftovers, read_lines, replace_dir
+from tokenizer import load_arg
+
 FORMAT_VERSION = 1
 KINDS = {
     "seq": ("sequence",),
@@ -42,6 +48,7 @@ KINDS = {
     "dpo": ("chosen", "chosen_mask", "rejected", "rejected_mask"),
     "grpo": ("prompt",),
 }
+SHARD = re.compile(r"part-\d+\.h5")  # the files of a --shard-tokens folder
 
 
 # -----------------------------------------------------------------------------
@@ -52,6 +59,7 @@ class SegmentWriter:
 
     Arrays are held in memory until `close`, then written contiguous; the file
     appears under its final name only when complete (temp name + rename).
+    A failed write (a full disk) leaves no file behind and any older one as it was.
     """
 
     def __init__(self, path: str, kind: str, vocab_size: int, fingerprint: str):
@@ -71,27 +79,41 @@ class SegmentWriter:
         self.num_tokens += len(record[KINDS[self.kind][0]])
 
     def close(self):
+        image = self._image()
         tmp = f"{self.path}.tmp{os.getpid()}"
-        dtype = np.uint16 if self.vocab_size <= 1 << 16 else np.int32  # half the bytes where ids fit
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         try:
-            with h5py.File(tmp, "w") as f:
-                f.attrs.update(kind=self.kind, format_version=FORMAT_VERSION,
-                               vocab_size=self.vocab_size, tokenizer=self.fingerprint)
-                for name, parts in self.arrays.items():
-                    flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-                    is_mask = name.endswith("mask")
-                    f.create_dataset(name, data=flat.astype(np.uint8 if is_mask else dtype))
-                    if not is_mask:
-                        key = "offsets" if self.kind in ("seq", "sft") else f"{name}_offsets"
-                        lengths = [len(p) for p in parts]
-                        f.create_dataset(key, data=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-                if self.kind == "grpo":
-                    f.create_dataset("answer", data=self.answers, dtype=h5py.string_dtype())
+            with open(tmp, "wb") as f:
+                f.write(image)
             os.replace(tmp, self.path)
-        except BaseException:
+        except OSError as e:
+            if e.filename is None:  # write() on a full disk names no file
+                raise OSError(e.errno, f"{e.strerror} while writing it", self.path) from None
+            raise
+        finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-            raise
+
+    def _image(self) -> bytes:
+        """The file's bytes, built in memory (the same bytes h5py writes to disk). h5py writing to disk
+        itself reports a full disk in many lines, and then fails again freeing the file (at exit, even
+        a crash); this way the disk sees only our own write(), whose errors are ordinary OSErrors."""
+        dtype = np.uint16 if self.vocab_size <= 1 << 16 else np.int32  # half the bytes where ids fit
+        with h5py.File(self.path, "w", driver="core", backing_store=False) as f:  # backing_store: not on disk
+            f.attrs.update(kind=self.kind, format_version=FORMAT_VERSION,
+                           vocab_size=self.vocab_size, tokenizer=self.fingerprint)
+            for name, parts in self.arrays.items():
+                flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+                is_mask = name.endswith("mask")
+                f.create_dataset(name, data=flat.astype(np.uint8 if is_mask else dtype))
+                if not is_mask:
+                    key = "offsets" if self.kind in ("seq", "sft") else f"{name}_offsets"
+                    lengths = [len(p) for p in parts]
+                    f.create_dataset(key, data=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+            if self.kind == "grpo":
+                f.create_dataset("answer", data=self.answers, dtype=h5py.string_dtype())
+            f.flush()
+            return f.id.get_file_image()
 
 
 # -----------------------------------------------------------------------------
@@ -106,10 +128,11 @@ def _prompt_messages(rec: dict, lineno: int) -> list:
 
 
 def _field(rec: dict, key: str, lineno: int) -> str:
-    value = rec.get(key)
-    if not isinstance(value, str):
-        raise ValueError(f"line {lineno}: field {key!r} must be a string, got {type(value).__name__}")
-    return value
+    if key not in rec:
+        raise ValueError(f"line {lineno}: no field {key!r}: every record of this --kind needs one (a string)")
+    if not isinstance(rec[key], str):
+        raise ValueError(f"line {lineno}: field {key!r} must be a string, got {type(rec[key]).__name__}")
+    return rec[key]
 
 
 def tokenize_record(tok, kind: str, rec: dict, lineno: int = 0) -> dict:
@@ -144,32 +167,54 @@ def tokenize_record(tok, kind: str, rec: dict, lineno: int = 0) -> dict:
 
 
 def _read_records(path: str):
-    """Yield (line number, record) from .jsonl, or one {"text": ...} per blank-line-separated .txt document."""
-    with open(path, encoding="utf-8") as f:
-        if not path.endswith(".jsonl"):
-            for i, doc in enumerate(f.read().split("\n\n")):
-                if doc.strip():
-                    yield i + 1, {"text": doc}
-            return
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
+    """Yield (line number, record) from .jsonl, or one {"text": ...} per blank-line-separated .txt document.
+    Errors say "line N: ..." (the caller names the file)."""
+    lines = read_lines(path)
+    if not path.endswith(".jsonl"):
+        for i, doc in enumerate("".join(line for _, line in lines).split("\n\n")):
+            if doc.strip():
+                yield i + 1, {"text": doc}
+        return
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"line {lineno}: invalid JSON ({e.msg})") from None
+        yield lineno, record
+
+
+def check_out(out: str, sharded: bool):
+    """A cli.UsageError unless prepare may write `out`: a file path; with shards, a folder that is new,
+    empty or an earlier shard folder (it is replaced whole, so it must hold nothing else)."""
+    if sharded and os.path.isfile(out):
+        raise cli.UsageError(f"--out {out} is a file, and --shard-tokens writes a folder: choose another --out")
+    if not sharded and os.path.isdir(out):
+        raise cli.UsageError(f"--out {out} is a directory: pass a .h5 file, or --shard-tokens N for a folder of shards")
+    if sharded and os.path.isdir(out):
+        other = sorted(n for n in os.listdir(out) if not SHARD.fullmatch(n))
+        if other:
+            raise cli.UsageError(f"--out {out} holds files that are not shards ({', '.join(other[:3])}), and the "
+                                 "folder is replaced whole: choose a new or empty folder")
+    check_writable(out)
 
 
 def prepare(kind: str, records, tok, out: str, shard_tokens: int = 0, log=sys.stderr) -> list:
     """Tokenize (lineno, record) pairs into `out` (.h5 file, or a folder of shards).
 
-    Nothing appears under `out` unless every record converts: shards are written
-    to temporary names first and renamed together at the end.
+    Nothing changes under `out` unless every record converts: a file is written under a temporary
+    name and renamed; shards go into a folder beside `out` that then replaces it whole. No records
+    at all is an error too, not an empty file.
     """
     if kind not in KINDS:
         raise ValueError(f"--kind must be one of {sorted(KINDS)}, got {kind!r}")
+    # 1. Before reading a record: clear what killed runs left beside out (which may put an old
+    # output back), then check out.
     sharded = shard_tokens > 0
-    tmp_dir = out + f".partial{os.getpid()}" if sharded else None
+    clean_leftovers(out)
+    check_out(out, sharded)
+    tmp_dir = f"{os.path.realpath(out)}.partial{os.getpid()}" if sharded else None  # beside out (replace_dir)
     paths, writer, start, n = [], None, time.time(), 0
 
     def new_writer():
@@ -177,9 +222,8 @@ def prepare(kind: str, records, tok, out: str, shard_tokens: int = 0, log=sys.st
         paths.append(name)
         return SegmentWriter(name, kind, tok.vocab_size, tok.fingerprint)
 
-    if sharded:
-        os.makedirs(tmp_dir, exist_ok=True)
     try:
+        # 2. Tokenize, closing a shard whenever it is full.
         writer = new_writer()
         for lineno, rec in records:
             writer.add(**tokenize_record(tok, kind, rec, lineno))
@@ -189,21 +233,16 @@ def prepare(kind: str, records, tok, out: str, shard_tokens: int = 0, log=sys.st
                 writer = new_writer()
             if log and n % 10000 == 0:
                 print(f"prepare: {n:,} records, {time.time() - start:.0f}s", file=log, flush=True)
+        if n == 0:
+            raise ValueError("no records (empty, or blank lines only): give it at least one")
+        # 3. Write the last file; a folder of shards replaces the old one whole.
         writer.close()
         if sharded:
-            os.makedirs(out, exist_ok=True)
-            final = []
-            for p in paths:
-                final.append(os.path.join(out, os.path.basename(p)))
-                os.replace(p, final[-1])
-            os.rmdir(tmp_dir)
-            paths = final
-    except BaseException:
+            replace_dir(tmp_dir, out)
+            paths = [os.path.join(out, os.path.basename(p)) for p in paths]
+    finally:
         if sharded:
-            for p in Path(tmp_dir).glob("*"):
-                p.unlink()
-            os.rmdir(tmp_dir)
-        raise
+            shutil.rmtree(tmp_dir, ignore_errors=True)
     return paths
 
 
@@ -423,23 +462,25 @@ def main():
     pp.add_argument("--kind", required=True, choices=sorted(KINDS))
     pp.add_argument("--input", required=True, help=".jsonl records, or .txt with blank-line-separated documents")
     pp.add_argument("--tokenizer", required=True, help="tokenizer directory, tokenizer.json, or a run directory")
-    pp.add_argument("--out", required=True, help="output .h5 file (or folder with --shard-tokens)")
+    pp.add_argument("--out", required=True, help="output .h5 file (or folder with --shard-tokens, replaced whole)")
     pp.add_argument("--shard-tokens", type=int, default=0, help="start a new shard after this many tokens")
     args = p.parse_args()
-    import checkpoint
-    import tokenizer
+    # 1. Every flag, before any record is read (prepare checks --out first thing).
     if not os.path.isfile(args.input):
-        sys.exit(f"error: --input {args.input} does not exist")
-    try:
-        tok = tokenizer.load(checkpoint.resolve(args.tokenizer) if os.path.isdir(args.tokenizer) else args.tokenizer)
-    except (ValueError, OSError, ImportError) as e:
-        sys.exit(f"error: --tokenizer: {e}")
+        raise cli.UsageError(f"--input {args.input}: no such file: pass a .jsonl or .txt file")
+    if args.shard_tokens < 0:
+        raise cli.UsageError(f"--shard-tokens {args.shard_tokens} is negative: pass 0 (one file) or a token count")
+    tok = load_arg(args.tokenizer)
+    # 2. Tokenize and write. A bad record is bad input too (exit status 2); its error says
+    # "line N: ...", so name the file.
     try:
         paths = prepare(args.kind, _read_records(args.input), tok, args.out, args.shard_tokens)
+    except cli.UsageError:
+        raise  # a flag: it names itself
     except ValueError as e:
-        sys.exit(f"error: {args.input}: {e}")
+        raise cli.UsageError(f"{args.input}: {e}") from None
     print(f"wrote {len(paths)} file(s): {', '.join(paths)}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

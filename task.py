@@ -20,6 +20,9 @@ import json
 import os
 import random
 
+import cli
+from cli import check_writable
+
 EN_TEMPLATES = {
     "+": ["{name} has {a} {item}s and gets {b} more. How many {item}s does {name} have now?",
           "What is {a} plus {b}?"],
@@ -142,15 +145,26 @@ def main():
     p.add_argument("--n", type=int, default=20000, help=f"records per training stage (eval.jsonl: {N_EVAL})")
     p.add_argument("--seed", type=int, default=0, help="the task's seed: the same seed writes the same records")
     args = p.parse_args()
+    if args.n < 1:
+        raise cli.UsageError(f"--n {args.n}: pass at least 1 record per training stage")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise cli.UsageError(f"--out {args.out} is a file: pass a folder for the JSONL files")
+    check_writable(args.out)
     os.makedirs(args.out, exist_ok=True)
     task = ArithmeticTask(args.seed)
     for kind, split, n in [(k, "train", args.n) for k in ("seq", "sft", "dpo", "grpo")] + [("grpo", "eval", N_EVAL)]:
         name = os.path.join(args.out, f"{kind if split == 'train' else 'eval'}.jsonl")
-        with open(name, "w", encoding="utf-8") as f:
-            for rec in task.records(kind, n, split):
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        tmp = f"{name}.tmp{os.getpid()}"  # renamed when complete: a failed run never leaves half a file
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for rec in task.records(kind, n, split):
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            os.replace(tmp, name)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         print(f"wrote {name}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

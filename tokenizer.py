@@ -21,6 +21,8 @@ import hashlib
 import heapq
 import json
 import operator
+import os
+import shutil
 import unicodedata
 from collections import Counter, defaultdict
 from itertools import repeat
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import regex  # not `re`: the patterns need Unicode classes \p{L} and \p{N}
 
+import cli
 from chat import IM_END, IM_START, ChatTemplate, chatml_jinja
 
 # -----------------------------------------------------------------------------
@@ -578,12 +581,8 @@ def load(path):
         raise ValueError(f"no tokenizer.json at {path}: pass a model directory (of a run directory, the step_* "
                          "its `latest` names), a directory written by Tokenizer.save, or a tokenizer.json file")
     config_file = file.parent / "tokenizer_config.json"
-    try:
-        spec = json.loads(file.read_text(encoding="utf-8"))
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} or its tokenizer_config.json is not valid JSON ({e}); "
-                         "re-save it with Tokenizer.save") from None
+    spec = _read_json(file)
+    config = _read_json(config_file) if config_file.is_file() else {}
     try:
         tok = from_hf_json(spec, source=str(file))
         tok.chat = ChatTemplate.from_config(file.parent, config)
@@ -591,6 +590,13 @@ def load(path):
         raise ValueError(f"{file} is malformed ({type(e).__name__}: {e}); re-save it with "
                          "Tokenizer.save or tokenizers") from None
     return tok
+
+
+def _read_json(file):
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}): re-save it with Tokenizer.save") from None
 
 
 def from_hf_json(spec, source="tokenizer.json"):
@@ -662,16 +668,87 @@ def _parse_merge(merge, fail):
 # -----------------------------------------------------------------------------
 # CLI
 
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json"}  # what Tokenizer.save writes
+
+
+def load_arg(path, flag="--tokenizer"):
+    """load() for a command-line flag: a run directory means its latest checkpoint, and a path that
+    is not a tokenizer is a UsageError naming the flag."""
+    try:
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            import checkpoint  # it imports torch: only for a run directory (or none), to name the error
+            path = checkpoint.resolve(path)
+        return load(path)
+    except (OSError, ValueError, ImportError) as e:
+        raise cli.UsageError(f"{flag}: {e}") from None
+
 
 def _read_texts(files):
-    """Each line of a .txt file is a text; .jsonl lines are objects with a "text" field."""
+    """Each line of a .txt file is a text; .jsonl lines are objects with a "text" field. A bad line is
+    a UsageError naming the file and line; so is a corpus without any text (not a tokenizer of bytes alone)."""
+    found = False
     for name in files:
-        with open(name, encoding="utf-8") as f:
-            for line in f:
+        try:
+            for lineno, line in cli.read_lines(name):
                 if name.endswith(".jsonl") and line.strip():
-                    yield json.loads(line)["text"]
+                    yield _jsonl_text(line, lineno)
                 elif not name.endswith(".jsonl"):
                     yield line
+                found = found or bool(line.strip())
+        except ValueError as e:
+            raise cli.UsageError(f"{name}: {e}") from None
+    if not found:
+        raise cli.UsageError(f"--input {' '.join(files)}: no text (empty, or blank lines only): "
+                         "give it the text to train on")
+
+
+def _jsonl_text(line, lineno):
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"line {lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise ValueError(f'line {lineno}: no "text" field (a string): write each line as {{"text": "..."}}')
+    return record["text"]
+
+
+def _check_train_args(args):
+    """Every flag of `train`, before the corpus is read."""
+    for name in args.input:
+        if not os.path.isfile(name):
+            raise cli.UsageError(f"--input {name}: no such file: pass .txt or .jsonl files")
+    need = 256 + len(DEFAULT_SPECIAL_TOKENS)
+    if args.vocab_size < need:
+        raise cli.UsageError(f"--vocab-size {args.vocab_size} is too small: byte-level BPE needs 256 byte tokens "
+                             f"+ {len(DEFAULT_SPECIAL_TOKENS)} special tokens: pass at least {need}")
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise cli.UsageError(f"--out {out} is a file: pass a directory for tokenizer.json and tokenizer_config.json")
+    # --out is replaced whole, so it may hold nothing but a tokenizer; and replacing one needs --force,
+    # because data prepared with the old tokenizer will not open with the new one (fingerprints differ).
+    names = set(os.listdir(out)) if os.path.isdir(out) else set()
+    if names - TOKENIZER_FILES:
+        raise cli.UsageError(f"--out {out} holds files that are not a tokenizer's "
+                             f"({', '.join(sorted(names - TOKENIZER_FILES)[:3])}): choose a new or empty directory")
+    if names and not args.force:
+        raise cli.UsageError(f"--out {out} holds a tokenizer already, and data prepared with it would not open "
+                             "with a new one: pass --force to replace it, or choose another --out")
+    cli.check_writable(out)
+
+
+def _save(tok, out):
+    """Save into out.partial<PID> beside out, then swap it in (replace_dir): out holds the old tokenizer
+    or the new one, never the tokenizer.json of one beside the tokenizer_config.json of the other."""
+    tmp = f"{os.path.realpath(out)}.partial{os.getpid()}"
+    try:
+        tok.save(tmp)
+        cli.replace_dir(tmp, out)
+    except OSError as e:
+        if e.filename is None:  # a full disk fails in write(), whose error names no file
+            raise OSError(e.errno, f"{e.strerror} while saving the tokenizer", out) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main():
@@ -681,18 +758,21 @@ def main():
     p.add_argument("--input", nargs="+", required=True, help=".txt (one text per line) or .jsonl with 'text'")
     p.add_argument("--vocab-size", type=int, default=4096, help="bytes + merges + special tokens")
     p.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
+    p.add_argument("--force", action="store_true", help="replace the tokenizer in --out (data prepared with "
+                   "it will no longer open)")
     p.add_argument("--default-system", default=None, help="system message used when a chat has none")
     p = sub.add_parser("encode", help="print the ids and pieces of a text (special tokens as text)")
     p.add_argument("--tokenizer", required=True, help="model or run directory, or tokenizer.json")
     p.add_argument("text")
     args = parser.parse_args()
     if args.command == "train":
+        cli.clean_leftovers(args.out)  # first: it may put back an old tokenizer, which then needs --force
+        _check_train_args(args)
         tok = train(_read_texts(args.input), args.vocab_size, default_system=args.default_system)
-        tok.save(args.out)
+        _save(tok, args.out)
         print(f"vocab {tok.vocab_size} | fingerprint {tok.fingerprint[:16]} | saved to {args.out}")
     else:
-        import checkpoint  # a run directory -> its latest checkpoint, here at the CLI
-        tok = load(checkpoint.resolve(args.tokenizer) if Path(args.tokenizer).is_dir() else args.tokenizer)
+        tok = load_arg(args.tokenizer)
         ids = tok.encode(args.text)
         pieces = []
         for i in ids:
@@ -705,4 +785,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -4,8 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import task as task_lib
 from rollout import exact_match
+from test_cli_data import assert_error, run_cli
 from task import ArithmeticTask
 
 
@@ -90,3 +93,14 @@ def test_task_cli_writes_one_jsonl_per_stage(tmp_path):
                                  ("grpo", "grpo", "train", 7), ("eval", "grpo", "eval", task_lib.N_EVAL)]:
         lines = (tmp_path / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
         assert [json.loads(line) for line in lines] == task.records(kind, n, split), name
+
+
+@pytest.mark.parametrize("flags, words", [({"--n": "0"}, ["--n 0", "at least 1"]),
+                                          ({"--out": "afile"}, ["--out", "afile is a file"]),
+                                          ({"--out": "afile/data"}, ["--out", "afile is a file, not a directory"])])
+def test_task_cli_rejects_bad_flags_and_writes_nothing(tmp_path, flags, words):
+    (tmp_path / "afile").write_text("mine")
+    args = {"--out": "data", "--n": "3"} | flags
+    args["--out"] = tmp_path / args["--out"]
+    assert_error(run_cli("task.py", *(str(x) for kv in args.items() for x in kv)), 2, *words)
+    assert os.listdir(tmp_path) == ["afile"] and (tmp_path / "afile").read_text() == "mine"

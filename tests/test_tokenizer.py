@@ -4,6 +4,7 @@ All text is generated here from fixed seeds; nothing is downloaded.
 """
 
 import json
+import os
 import random
 import unicodedata
 
@@ -11,6 +12,7 @@ import pytest
 import regex
 
 import tokenizer
+from test_cli_data import assert_error, run_cli, snapshot  # the CLI tests' helpers
 from tokenizer import GPT2_PATTERN, QWEN2_PATTERN, StreamDecoder, load, train
 
 # -----------------------------------------------------------------------------
@@ -406,3 +408,71 @@ def test_decode_rejects_bad_ids(tok):
         tok.decode([1.5])
     with pytest.raises(ValueError, match="out of range"):
         StreamDecoder(tok).feed(10**6)
+
+
+# -----------------------------------------------------------------------------
+# The CLI, run as a user runs it
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(CORPUS[:200]), encoding="utf-8")
+    return path
+
+
+def train_cmd(**flags):
+    return ["tokenizer.py", "train", *(str(x) for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", v))]
+
+
+@pytest.mark.parametrize("flags, words", [
+    ({"input": "missing.txt"}, ["--input", "missing.txt: no such file"]),
+    ({"vocab_size": 258}, ["--vocab-size 258 is too small", "at least 259"]),
+    ({"out": "afile"}, ["--out", "afile is a file"]),
+    ({"out": "adir"}, ["--out", "adir holds files that are not a tokenizer's (notes.txt)"]),
+])
+def test_train_cli_checks_flags_before_reading(tmp_path, corpus, flags, words):
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "adir" / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    args = {"input": corpus, "vocab_size": 300, "out": tmp_path / "tok"}
+    args.update({k: tmp_path / v if isinstance(v, str) else v for k, v in flags.items()})
+    assert_error(run_cli(*train_cmd(**args)), 2, *words)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("corpus.txt", b"hello\n\xff\xfe world\n", ["corpus.txt: line 2", "byte 0xff", "not UTF-8"]),
+    ("c.jsonl", b'{"text": "hi"}\n{"txt": "hi"}\n', ["c.jsonl: line 2", 'no "text" field']),
+    ("c.jsonl", b'{"text": "hi"}\n\n{"text": \n', ["c.jsonl: line 3", "invalid JSON"]),
+    ("corpus.txt", b"\n \n", ["corpus.txt: no text"]),  # would train a tokenizer of bytes alone
+])
+def test_train_cli_names_the_bad_line_and_writes_nothing(tmp_path, name, content, words):
+    (tmp_path / name).write_bytes(content)
+    assert_error(run_cli(*train_cmd(input=tmp_path / name, vocab_size=300, out=tmp_path / "tok")), 2, *words)
+    assert os.listdir(tmp_path) == [name]
+
+
+def test_train_cli_replaces_a_tokenizer_only_with_force_and_whole(tmp_path, corpus):
+    out, other = tmp_path / "tok", tmp_path / "other.txt"
+    other.write_text("\n".join(CORPUS[200:400]), encoding="utf-8")
+    assert run_cli(*train_cmd(input=corpus, vocab_size=300, out=out)).returncode == 0
+    old = snapshot(out)
+    # data prepared with the old tokenizer would no longer open: replacing it takes --force
+    assert_error(run_cli(*train_cmd(input=other, vocab_size=300, out=out)), 2, "--out", "--force")
+    force = train_cmd(input=other, vocab_size=300, out=out) + ["--force"]
+    assert_error(run_cli(*force, full_disk_at=1000), 1, str(out), "File too large")
+    assert snapshot(out) == old and sorted(os.listdir(tmp_path)) == ["corpus.txt", "other.txt", "tok"]
+    r = run_cli(*force)
+    assert r.returncode == 0, r.stderr
+    assert load(out).fingerprint != json.loads(old["tokenizer_config.json"])["fingerprint"]
+    assert sorted(os.listdir(tmp_path)) == ["corpus.txt", "other.txt", "tok"]  # no temporary directory left
+
+
+@pytest.mark.parametrize("spec, words", [(None, "no tokenizer.json"),
+                                         ('{"model": ', "tokenizer.json is not valid JSON")])
+def test_encode_cli_names_a_tokenizer_that_is_not_one(tmp_path, spec, words):
+    if spec is not None:
+        (tmp_path / "tokenizer.json").write_text(spec)
+    assert_error(run_cli("tokenizer.py", "encode", "--tokenizer", tmp_path, "hi"), 2, "--tokenizer", words)
