@@ -374,20 +374,22 @@ class Transformer(nn.Module):
         dtype None keeps the checkpoint's dtype (as transformers 5 does).
         Errors name the offending key: missing, unexpected or wrong-shaped weights.
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{config_path} not found: pass a model directory (config.json and "
                                     "safetensors weights)")
-        with open(config_path) as f:
-            cfg = config_from_hf(json.load(f))
+        cfg = config_from_hf(_read_json(config_path))
         with torch.device("meta"):
             model = cls(cfg)
         tensors = {}
         for file in _weight_files(path):
-            with safe_open(file, framework="pt", device="cpu") as f:
-                tensors.update({key: f.get_tensor(key) for key in f.keys()})
+            try:
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    tensors.update({key: f.get_tensor(key) for key in f.keys()})
+            except SafetensorError as e:
+                raise ValueError(f"{file} is truncated or not a safetensors file ({e})") from None
         dtype = dtype or tensors.get("model.embed_tokens.weight", next(iter(tensors.values()))).dtype
         model.load_weights({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, path, assign=True)
         model.model.rotary_emb = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling,
@@ -468,6 +470,14 @@ def _weight_files(path: str) -> list:
         return [single]
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
                             "(pickled .bin checkpoints are not read; convert them to safetensors)")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
 def _write_json(path: str, obj: dict):

@@ -351,11 +351,14 @@ def build_model(args, tok, device, source=None):
     if form and args.rm_reward not in (None, form):
         raise UsageError(f"{source} is a reward model of form {form!r}, not --rm-reward "
                          f"{args.rm_reward}: pass --rm-reward {form} to go on training it")
-    if form:
-        model = strategies.RewardModel.from_pretrained(source, device=device)
-    elif source:
-        model = Transformer.from_pretrained(source, dtype=torch.float32)
-    else:
+    try:
+        if form:
+            model = strategies.RewardModel.from_pretrained(source, device=device)
+        elif source:
+            model = Transformer.from_pretrained(source, dtype=torch.float32)
+    except (OSError, ValueError) as e:  # a file of the model directory that is not what it should be
+        raise UsageError(str(e)) from None
+    if not source:
         cfg = dataclasses.replace(PRESETS[args.preset], vocab_size=tok.vocab_size,
                                   bos_token_id=tok.eos_id, eos_token_id=tok.im_end_id)
         model = Transformer(cfg)

@@ -323,6 +323,9 @@ def test_nan_stops_before_the_update_and_is_never_saved(what, files, tmp_path, m
      "is not a reward model"),
     (["--type", "seq", "--data", "{d}/tok/tokenizer.json", "--model", "{d}/model"], "--data {d}/tok/tokenizer.json:"),
     (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/bare"], "has no usable tokenizer"),
+    (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/badjson"], "badjson/config.json is not valid JSON"),
+    (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/cut"],
+     "cut/model.safetensors is truncated or not a safetensors file"),
     (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/model", "--out", "{d}/garbage", "--resume"],
      "holds 'not a step'"),
     (["--type", "seq", "--data", "{d}/seq.h5", "--model", "{d}/model", "--out", "{d}/dangling", "--resume"],
@@ -334,8 +337,13 @@ def test_bad_arguments_stop_before_training(argv, message, files):
     for name, latest in (("garbage", "not a step"), ("dangling", "step_000009")):
         (d / name).mkdir(exist_ok=True)
         (d / name / "latest").write_text(latest + "\n")
-    if not (d / "bare").exists():  # a model directory without a tokenizer
+    if not (d / "bare").exists():  # a model directory without a tokenizer; one with broken files
         shutil.copytree(d / "model", d / "bare", ignore=shutil.ignore_patterns("tokenizer*"))
+        for name in ("badjson", "cut"):
+            shutil.copytree(d / "model", d / name)
+        (d / "badjson" / "config.json").write_text('{"model_type": "llama",')
+        weights = (d / "cut" / "model.safetensors").read_bytes()
+        (d / "cut" / "model.safetensors").write_bytes(weights[:len(weights) // 2])
     r = run_cli(*[a.format(d=d) for a in argv], "--log-every", "1")
     assert r.returncode == 2, r.stderr[-2000:]
     assert message.format(d=d) in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
