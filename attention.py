@@ -199,18 +199,20 @@ class PagedKVCache:
 class KVBatch:
     """The inference context of one cached forward (None means a training forward).
 
-    positions (B, T): the new tokens' positions; write (B, T): their slots; read (B, S): the slot of
-    each of a row's positions 0..S-1, S = the longest row's length after this forward. A shorter
-    row's tail points anywhere: attention masks every key past the query's position.
+    positions (B, T): the new tokens' positions; write (B, T): their slots; blocks (B, n): each row's
+    first n block ids, which hold its positions 0..S-1 (S = the longest row's length after this
+    forward, n = ceil(S / block_size)), padded with block 0. Keys are read a whole block at a time,
+    n * block_size per row: attention masks every key past the query's position (a block's unused
+    tail, a shorter row's padding).
     """
     cache: PagedKVCache
     positions: torch.Tensor
     write: torch.Tensor
-    read: torch.Tensor
+    blocks: torch.Tensor
 
     def __post_init__(self):
         # which keys each query sees, built once for every layer: key j iff j <= the query's position
-        key_pos = torch.arange(self.read.shape[1], device=self.positions.device)
+        key_pos = torch.arange(self.blocks.shape[1] * self.cache.block_size, device=self.positions.device)
         self.visible = (key_pos[None, None, :] <= self.positions[:, :, None])[:, None]  # (B, 1, T, S)
 
     @classmethod
@@ -220,17 +222,18 @@ class KVBatch:
         bs, S = cache.block_size, int(positions.max()) + 1
         n = -(-S // bs)  # blocks that cover positions 0..S-1
         table = torch.tensor([t[:n] + [0] * (n - len(t[:n])) for t in tables], device=positions.device)  # (B, n)
-        slots = (table[:, :, None] * bs + torch.arange(bs, device=positions.device)).flatten(1)  # (B, n * bs)
-        return cls(cache, positions, slots.gather(1, positions), slots[:, :S])
+        write = table.gather(1, positions // bs) * bs + positions % bs  # (B, T)
+        return cls(cache, positions, write, table)
 
     def store_and_gather(self, layer: int, *new: torch.Tensor) -> list:
         """Write each new (B, T, ...) tensor into layer's buffer at `write`; return each buffer's
-        entries for `read`, (B, S, ...): the readable gather path (vLLM's kernel reads the blocks
-        in place; here the rows' keys are copied out, then SDPA runs)."""
-        out, (B, S) = [], self.read.shape
+        blocks for `blocks`, (B, n * block_size, ...): the readable gather path (vLLM's kernel reads
+        the blocks in place; here each row's blocks are copied out whole, then SDPA runs)."""
+        out, (B, n), bs = [], self.blocks.shape, self.cache.block_size
         for buf, x in zip(self.cache.layers[layer], new):
             buf.index_copy_(0, self.write.flatten(), x.flatten(0, 1).to(buf.dtype))
-            out.append(buf.index_select(0, self.read.flatten()).view(B, S, *buf.shape[1:]))
+            by_block = buf.view(-1, bs, *buf.shape[1:])  # (num_blocks, block_size, ...)
+            out.append(by_block.index_select(0, self.blocks.flatten()).view(B, n * bs, *buf.shape[1:]))
         return out
 
 
@@ -290,7 +293,7 @@ class GQA(nn.Module):
         self.H, self.Hkv, self.D = H, Hkv, D
         self.gated, self.impl = cfg.gated_attention, cfg.attn_impl
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
-        q_out = H * D * (2 if self.gated else 1)  # gated: [query | gate] per head
+        self.q_proj_out = q_out = H * D * (2 if self.gated else 1)  # gated: [query | gate] per head
         self.q_proj = nn.Linear(C, q_out, bias=qkv_bias)
         self.k_proj = nn.Linear(C, Hkv * D, bias=qkv_bias)
         self.v_proj = nn.Linear(C, Hkv * D, bias=qkv_bias)
@@ -307,11 +310,14 @@ class GQA(nn.Module):
     def forward(self, x, cos, sin, kv=None, layer=0):
         """x (B, T, C); kv: the KVBatch of a cached forward (None: training, causal over each row)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.H, -1)  # (B, T, H, D) or (B, T, H, 2D) gated
+        if hasattr(self, "qkv_proj"):  # fused for inference (Transformer.fuse_projections)
+            q, k, v = self.qkv_proj(x).split([self.q_proj_out, self.Hkv * self.D, self.Hkv * self.D], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.H, -1)  # (B, T, H, D) or (B, T, H, 2D) gated
         if self.gated:
             q, gate = q.chunk(2, dim=-1)  # each (B, T, H, D)
-        k = self.k_proj(x).view(B, T, self.Hkv, self.D)
-        v = self.v_proj(x).view(B, T, self.Hkv, self.D)
+        k, v = k.view(B, T, self.Hkv, self.D), v.view(B, T, self.Hkv, self.D)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)

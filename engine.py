@@ -30,6 +30,7 @@ import time
 import traceback
 import weakref
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -220,7 +221,21 @@ class _Output:
 
 
 # -----------------------------------------------------------------------------
-# Building an engine: the KV pool's size, the model's own defaults
+# Building an engine: one thread while loading, the KV pool's size, the model's own defaults
+
+@contextmanager
+def one_thread():
+    """Run torch on one thread inside the block. GNU OpenMP gives each thread that runs a parallel op
+    its own worker pool; with a second pool alive (the loading thread's) the engine thread's small
+    decode ops wait on woken-up workers and run ~1.7x slower on 2 cores (measured). Loading on one
+    thread leaves the engine thread the only pool."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
 
 # Live engines, closed at interpreter exit: a daemon thread torn down inside a torch
 # op (exiting mid-generation without close()) aborts the process with std::terminate.
@@ -289,6 +304,7 @@ class InferenceEngine:
         self.model, self.tokenizer = model, tokenizer  # no .eval(): the caller may be training it (GRPO)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.device = next(model.parameters()).device
+        self.dtype_reason = None  # why from_pretrained chose the dtype it did ("auto")
         blocks = pool_blocks(model, max_batch_size, max_seq_len, kv_cache_gb, block_size, self.device)
         self.cache = model.make_cache(blocks + 1, block_size)  # + block 0, the scratch block
         self.scheduler = Scheduler(BlockManager(self.cache), max_batch_size, max_prefill_tokens)
@@ -306,17 +322,39 @@ class InferenceEngine:
         _live_engines.add(self)
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, **kwargs):
-        """Model (with its generation_config.json) and tokenizer from one model directory.
-        dtype None: float32 on CPU (bf16 matmuls are slow on most CPUs; ask for bfloat16 to halve
-        weights and KV cache), the checkpoint's own dtype elsewhere."""
+    def from_pretrained(cls, path, device=None, dtype=None, quantize=None, **kwargs):
+        """Model (with its generation_config.json) and tokenizer from one model directory, made ready for
+        decoding: q/k/v and gate/up fused (Transformer.fuse_projections), weights quantized if asked
+        ("int8" | "int4", quant.py). dtype: a torch dtype; "auto" (the CLIs' default; quant.pick_dtype:
+        bf16 where the hardware computes it natively and faster); None: float32 on CPU (reproducible
+        figures), the checkpoint's own elsewhere.
+        Loading runs on one thread (one_thread), which keeps the engine thread's decoding fast."""
+        import quant
         import tokenizer as tokenizer_module
         from model import Transformer
 
-        if dtype is None and torch.device(device or "cpu").type == "cpu":
-            dtype = torch.float32
-        return cls(Transformer.from_pretrained(path, device=device, dtype=dtype), tokenizer_module.load(path),
-                   **kwargs)
+        device = torch.device(device or "cpu")
+        with one_thread():
+            reason = None
+            if dtype == "auto":
+                dtype, reason = quant.pick_dtype(device, (1, kwargs.get("max_batch_size", 8)))
+            elif dtype is None and device.type == "cpu":
+                dtype = torch.float32
+            model = Transformer.from_pretrained(path, device=device, dtype=dtype).fuse_projections()
+            if quantize:
+                quant.quantize(model, quantize)
+            engine = cls(model, tokenizer_module.load(path), **kwargs)
+        engine.dtype_reason = reason
+        return engine
+
+    def describe(self) -> str:
+        """One line: parameters, how the weights are stored and their bytes, the activation dtype, the KV cache."""
+        import quant
+        m = self.model
+        kind = getattr(m, "quantized", None) or str(m.dtype).removeprefix("torch.")
+        why = f" ({self.dtype_reason})" if self.dtype_reason else ""
+        return (f"{m.config.num_hidden_layers} layers | weights {kind}: {quant.weight_bytes(m) / 1e6:,.0f} MB | "
+                f"activations {str(m.dtype).removeprefix('torch.')} on {self.device}{why} | {self.memory()}")
 
     def sampling_params(self, **fields) -> "SamplingParams":
         """SamplingParams of the given fields, the rest from the model's
@@ -678,21 +716,21 @@ def main():
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="KV pool size (default: one sequence's worth)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: float32 on CPU, as stored in the checkpoint on a GPU")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: bf16 where the hardware computes it natively and faster, else float32")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="8- or 4-bit weights (quant.py)")
     args = p.parse_args()
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens must be >= 1 (got {args.max_tokens})")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
         engine = InferenceEngine.from_pretrained(checkpoint.resolve(args.model), device=args.device, dtype=dtype,
-                                                 max_batch_size=1, max_seq_len=args.max_seq_len,
-                                                 kv_cache_gb=args.kv_cache_gb)
+                                                 quantize=args.quantize, max_batch_size=1,
+                                                 max_seq_len=args.max_seq_len, kv_cache_gb=args.kv_cache_gb)
     except (OSError, ValueError, ImportError) as e:
         raise UsageError(f"cannot load --model {args.model}: {e}") from None
-    print(f"model {args.model} | {engine.model.num_params() / 1e6:.1f}M params | {args.device} "
-          f"{engine.model.lm_head.weight.dtype} | {engine.memory()} | sampling defaults "
-          f"{engine.sampling_defaults or 'ours'}", file=sys.stderr)
+    print(f"model {args.model} | {engine.describe()} | sampling defaults {engine.sampling_defaults or 'ours'}",
+          file=sys.stderr)
     try:
         if args.chat:
             _chat(engine, args)

@@ -177,6 +177,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
+        if hasattr(self, "gate_up_proj"):  # fused for inference (Transformer.fuse_projections)
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -269,7 +272,7 @@ class Transformer(nn.Module):
         """A paged KV cache of num_blocks blocks for this model's layers (attention.PagedKVCache)."""
         cfg = self.config
         kind = MLA if cfg.attention_type == "mla" else GQA
-        p = self.lm_head.weight
+        p = self.model.norm.weight
         return PagedKVCache([kind.cache_shapes(cfg)] * cfg.num_hidden_layers, num_blocks, block_size,
                             device=device or p.device, dtype=dtype or p.dtype)
 
@@ -291,6 +294,38 @@ class Transformer(nn.Module):
     def forward(self, input_ids, kv=None) -> torch.Tensor:
         """Logits (B, T, V); see hidden_states."""
         return self.lm_head(self.hidden_states(input_ids, kv))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of activations and the KV cache (quantized weights have their own)."""
+        return self.model.norm.weight.dtype
+
+    def fuse_projections(self):
+        """For inference: q/k/v of each GQA layer become one qkv_proj, gate/up one gate_up_proj
+        (one matmul, one weight read, instead of three and two). The parts are concatenated along
+        the output dim and then dropped, so no weight is held twice; save_pretrained splits them
+        back into Hugging Face names (FUSED). Not for training: the optimizer holds the old parameters."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if isinstance(attn, GQA) and hasattr(attn, "q_proj"):
+                attn.qkv_proj = _concat(attn.q_proj, attn.k_proj, attn.v_proj)
+                del attn.q_proj, attn.k_proj, attn.v_proj
+            if hasattr(mlp, "gate_proj"):
+                mlp.gate_up_proj = _concat(mlp.gate_proj, mlp.up_proj)
+                del mlp.gate_proj, mlp.up_proj
+        return self
+
+    def hf_state_dict(self) -> dict:
+        """state_dict() in Hugging Face names: fused projections split back into their parts."""
+        state, cfg = self.state_dict(), self.config
+        q_rows = cfg.num_attention_heads * cfg.head_dim * (2 if cfg.gated_attention else 1)
+        kv_rows = cfg.num_key_value_heads * cfg.head_dim
+        for key in [k for k in state if k.split(".")[-2] in FUSED]:
+            name, fused = key.split(".")[-2], state.pop(key)
+            sizes = [q_rows, kv_rows, kv_rows] if name == "qkv_proj" else [fused.shape[0] // 2] * 2
+            for part, t in zip(FUSED[name], fused.split(sizes)):
+                state[key.replace(name, part)] = t
+        return state
 
     # -- checkpoints ------------------------------------------------------------
 
@@ -335,8 +370,11 @@ class Transformer(nn.Module):
         """
         from safetensors.torch import save_file
 
+        if getattr(self, "quantized", None):
+            raise ValueError(f"this model's weights are {self.quantized}: save the float model, and quantize "
+                             "when loading it (InferenceEngine.from_pretrained(path, quantize=...))")
         os.makedirs(path, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in (state_dict or self.state_dict()).items()}
+        state = {k: v.detach().contiguous() for k, v in (state_dict or self.hf_state_dict()).items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight")  # shared with model.embed_tokens.weight
         shards, size = [{}], 0
@@ -457,6 +495,19 @@ def config_from_hf(d: dict) -> ModelConfig:
     kw["qk_norm"] = kind == "qwen3"
     kw.setdefault("tie_word_embeddings", False if kind == "llama" else True)
     return ModelConfig(**kw)
+
+
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # their HF parts
+
+
+def _concat(*linears) -> nn.Linear:
+    """One Linear computing the parts' outputs side by side: weights (and biases) stacked along the output dim."""
+    w = torch.cat([m.weight.detach() for m in linears])
+    out = nn.Linear(w.shape[1], w.shape[0], bias=linears[0].bias is not None, device="meta")
+    out.weight = nn.Parameter(w, requires_grad=False)
+    if out.bias is not None:
+        out.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
+    return out
 
 
 def _weight_files(path: str) -> list:

@@ -1,0 +1,223 @@
+"""Weight-only quantization for decoding: int8 per output channel, int4 per group of 32 inputs.
+
+Decoding one token reads every weight once, so at small batch it is memory-bound: its speed is
+(memory bandwidth) / (bytes of weights per token). Storing weights in 8 or 4 bits reads 4 or 8x
+fewer bytes than fp32; the matmul kernels dequantize in registers.
+
+    int8, symmetric, per output row o:   s_o = max_i |W_oi| / 127;   Q = round(W / s) in [-127, 127];
+                                         W ~ Q * s                                  (_weight_int8pack_mm)
+    int4, asymmetric, per row and group g of 32 inputs:   lo, hi = min, max of the group;
+                                         s = (hi - lo) / 15;   Q = round((W - lo) / s) in [0, 15];
+                                         W ~ (Q - 8) * s + z,  z = lo + 8 s     (_weight_int4pack_mm_for_cpu)
+
+Both kernels take bf16 activations (an fp32 input would run a slow path); the layers cast on the
+way in and back to the caller's dtype on the way out, so the rest of the model (norms, attention,
+the residual stream, the KV cache) keeps its own dtype. Each layer's `reference` is the readable
+path: dequantize, then the ordinary matmul; tests hold the kernels to it.
+
+What is quantized: every Linear of the decoder blocks, and the embedding table / output head in
+int8 for both kinds (the head decides every token; int4 there costs the most quality for the
+least memory). A tied head and the embedding share one int8 table: a row's per-row scale
+dequantizes that token's embedding exactly as it does the head's output channel. MLA's
+kv_b_proj stays in float (the absorbed decode path reads its weight directly).
+
+Left out: activation quantization (W8A8), GPTQ / AWQ calibration, the CUDA int4 layout.
+
+    model = quantize(Transformer.from_pretrained(path), "int8")     # in place; returns the model
+"""
+
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+KINDS = ("int8", "int4")
+GROUP = 32  # int4 group size: inputs sharing one scale and zero
+
+
+# -----------------------------------------------------------------------------
+# int8, per output channel
+
+def quantize_int8(w: torch.Tensor):
+    """w (N, K) float -> (q (N, K) int8, scales (N,) bf16), w ~ q * scales[:, None]."""
+    w = w.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+    q = (w / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    """y = x Q^T * s (+ b): int8 weights Q (N, K) with per-output-channel bf16 scales s (N,)."""
+
+    def __init__(self, qweight, scales, bias=None):
+        super().__init__()
+        self.register_buffer("qweight", qweight)  # (N, K) int8
+        self.register_buffer("scales", scales)  # (N,) bf16
+        self.bias = bias
+        self.out_features, self.in_features = qweight.shape
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        return cls(*quantize_int8(linear.weight), _frozen(linear.bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N) in x's dtype."""
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
+                                               self.qweight, self.scales)
+        return _finish(y, x, self.bias, self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales.float()[:, None]  # (N, K)
+
+    def reference(self, x):
+        """The same product the readable way: bf16 input, dequantized weight, fp32 matmul."""
+        return F.linear(x.to(torch.bfloat16).float(), self.dequantize(), _float(self.bias)).to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# int4, groups of 32 inputs
+
+def int4_fits(linear: nn.Linear) -> bool:
+    """torch's CPU int4 kernel needs N a multiple of 16 and K of the group size."""
+    n, k = linear.weight.shape
+    return n % 16 == 0 and k % GROUP == 0
+
+
+def quantize_int4(w: torch.Tensor):
+    """w (N, K) float -> (q (N, K) int32 in [0, 15], scales_and_zeros (K/32, N, 2) bf16),
+    w ~ (q - 8) * s + z per group."""
+    w = w.detach().float()
+    N, K = w.shape
+    g = w.view(N, K // GROUP, GROUP)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)  # (N, K/32)
+    s = ((hi - lo) / 15).clamp(min=1e-12)
+    q = ((g - lo[..., None]) / s[..., None]).round().clamp(0, 15).to(torch.int32).view(N, K)
+    z = lo + 8 * s
+    return q, torch.stack([s, z], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T (+ b) with W dequantized group by group from 4-bit codes, in torch's packed CPU layout."""
+
+    def __init__(self, q, scales_and_zeros, bias=None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # (N, K/2) uint8
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # (K/32, N, 2) bf16
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int4Linear":
+        return cls(*quantize_int4(linear.weight), _frozen(linear.bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16),
+                                                       self.packed, GROUP, self.scales_and_zeros)
+        return _finish(y, x, self.bias, self.out_features)
+
+
+def dequantize_int4(q, scales_and_zeros) -> torch.Tensor:
+    """(q - 8) * s + z per group, from the unpacked codes: the formula the kernel implements."""
+    N, K = q.shape
+    s, z = scales_and_zeros.float().transpose(0, 1).unbind(-1)  # each (N, K/32)
+    return ((q.view(N, K // GROUP, GROUP).float() - 8) * s[..., None] + z[..., None]).view(N, K)
+
+
+# -----------------------------------------------------------------------------
+# The embedding table, shared with a tied head
+
+class Int8Embedding(nn.Module):
+    """Token embeddings from an int8 table Q (V, C) with per-row scales s: e_t = Q_t * s_t."""
+
+    def __init__(self, qweight, scales, dtype):
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) -> (B, T, C)"""
+        return F.embedding(ids, self.qweight).to(self.dtype) * self.scales[ids, None].to(self.dtype)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+def quantize(model, kind: str):
+    """Replace model's weights by `kind` ("int8" | "int4") in place, for inference; returns model.
+    int4 layers the CPU kernel cannot take (shape, or a non-CPU device) are int8 instead."""
+    if kind not in KINDS:
+        raise ValueError(f"quantize: kind must be one of {KINDS}, got {kind!r}")
+    if getattr(model, "quantized", None):
+        raise ValueError(f"this model is already quantized ({model.quantized})")
+    dtype = model.model.norm.weight.dtype
+    for layer in model.model.layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear) and name != "kv_b_proj":
+                    int4 = kind == "int4" and int4_fits(child) and child.weight.device.type == "cpu"
+                    setattr(parent, name, (Int4Linear if int4 else Int8Linear).from_linear(child))
+    head = Int8Linear.from_linear(model.lm_head)
+    if model.config.tie_word_embeddings:  # one table for both: the head's rows are the tokens' embeddings
+        table, scales = head.qweight, head.scales
+    else:
+        table, scales = quantize_int8(model.model.embed_tokens.weight)
+    model.lm_head = head
+    model.model.embed_tokens = Int8Embedding(table, scales, dtype)
+    model.quantized = kind
+    return model
+
+
+def pick_dtype(device, batch_sizes=(1, 8)):
+    """--dtype auto -> (dtype, why): bf16 on CUDA; on a CPU that computes bf16 natively (AVX512-BF16 or
+    AMX) bf16 when a 32 MB weight's matmul measures faster than fp32 at each of batch_sizes (the decode
+    batch sizes in use), else fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return (torch.bfloat16, "CUDA computes bf16") if torch.cuda.is_bf16_supported() else \
+            (torch.float32, "this GPU has no bf16")
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available() \
+            or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.float32, "no native bf16 on this device"
+    w = torch.randn(4096, 2048)
+    ratios = [_seconds(F.linear, torch.randn(b, 2048), w) / _seconds(F.linear, torch.randn(b, 2048).bfloat16(),
+                                                                      w.bfloat16()) for b in batch_sizes]
+    faster = all(r > 1 for r in ratios)
+    measured = ", ".join(f"{r:.2f}x at batch {b}" for b, r in zip(batch_sizes, ratios))
+    return (torch.bfloat16 if faster else torch.float32), f"auto: bf16 matmul speed vs fp32 {measured}"
+
+
+def _seconds(fn, *args, repeats=5):
+    fn(*args)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def weight_bytes(model) -> int:
+    """Bytes of parameters and buffers, each storage counted once (a tied table once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _frozen(bias):
+    return None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+
+def _float(bias):
+    return None if bias is None else bias.float()
+
+
+def _finish(y, x, bias, n):
+    """The kernel's (M, N) bf16 output as (..., N) in x's dtype, plus the bias."""
+    y = y.view(*x.shape[:-1], n).to(x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
