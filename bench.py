@@ -228,102 +228,225 @@ def add_engine_args(p):
     p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64, help="generated per sequence (EOS ignored)")
-    p.add_argument("--repeats", type=int, default=3, help="alternating timed runs per side; the best counts")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best counts")
+    p.add_argument("--formats", default="float32,bfloat16,int8,int4", help="weight formats of the engine")
+    p.add_argument("--llama-cpp", default=os.environ.get("LLAMA_CPP_DIR"),
+                   help="llama.cpp's source folder (its convert_hf_to_gguf.py and gguf-py; e.g. vendor/llama.cpp "
+                   "of the llama-cpp-python sdist): with llama-cpp-python installed, llama.cpp decodes the "
+                   "same weights in the same run (default: $LLAMA_CPP_DIR)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
 SHAPE_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                   num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
                   max_position_embeddings=8192)
+# our format -> (activation dtype, quantize, llama.cpp's nearest format)
+FORMATS = {"float32": ("float32", None, "f32"), "bfloat16": ("bfloat16", None, "bf16"),
+           "int8": ("auto", "int8", "q8_0"), "int4": ("auto", "int4", "q4_1")}
 
 
 def _engine_model(shape, device):
-    """The tiny preset or the 135M shape (random weights, seed 0), with a 4096-token BPE trained on generated text."""
+    """The tiny preset or the 135M shape (random weights, seed 0), with a 4096-token BPE trained on generated text.
+    Built on one thread (engine.one_thread), so that the engine thread stays the only OpenMP pool."""
     import dataclasses
 
     import torch
     import tokenizer
+    from engine import one_thread
     from model import PRESETS, Transformer
     tok = tokenizer.train(synthetic_bilingual_text(300_000), PRESETS["tiny"].vocab_size)
     cfg = PRESETS["tiny"] if shape == "tiny" else dataclasses.replace(PRESETS["tiny"], **SHAPE_135M)
-    torch.manual_seed(0)
-    return Transformer(cfg).to(device).eval(), tok
+    with one_thread():
+        torch.manual_seed(0)
+        return Transformer(cfg).to(device).eval(), tok
 
 
-def _matmul_ceiling(model, batch, sync):
-    """Seconds of one decode step's weight matmuls alone: every Linear (and the head) applied to a
-    (batch, in) input, no attention, norms or Python: what no engine can beat on this device."""
+def _decode_rate(generate, P, N, repeats, batch=1):
+    """Decode tokens/s without the prompt: (time for prompt + N + 1 tokens - time for prompt + 1 token) / N.
+    generate(n) runs one batch of a P-token prompt to n new tokens."""
+    generate(2)  # warm-up
+    return batch * N / min(_seconds(lambda: generate(N + 1)) - _seconds(lambda: generate(1)) for _ in range(repeats))
+
+
+def _seconds(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _engine_runs(model_dir, formats, batches, prompts, P, N, repeats, device):
+    """Per weight format: its engine's weight bytes, batch-1 decode tokens/s and generate() tokens/s
+    (prompt included) at each batch size, with the greedy tokens of the largest batch."""
     import torch
-    import torch.nn.functional as F
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    xs = {w.shape[1]: torch.randn(batch, w.shape[1], device=w.device, dtype=w.dtype) for w in weights}
 
-    def step():
-        with torch.inference_mode():
-            for w in weights:
-                F.linear(xs[w.shape[1]], w)
-    return _timed(step, 10, sync)
+    import quant
+    from engine import InferenceEngine, SamplingParams
+    params = lambda n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
+    out = {}
+    for name in formats:
+        dtype, kind, _ = FORMATS[name]
+        with InferenceEngine.from_pretrained(model_dir, device=device, dtype=dtype if dtype == "auto" else
+                                             getattr(torch, dtype), quantize=kind, max_batch_size=max(batches),
+                                             max_seq_len=P + N + 1, max_prefill_tokens=2048) as engine:
+            run = {"bytes": quant.weight_bytes(engine.model), "line": engine.describe(),
+                   "decode": _decode_rate(lambda n: engine.generate(prompts[:1], params(n)), P, N, repeats)}
+            for B in batches:
+                engine.generate(prompts[:B], params(4))
+                t = min(_seconds(lambda: engine.generate(prompts[:B], params(N))) for _ in range(repeats))
+                run[B] = B * N / t
+            run["tokens"] = [r.token_ids for r in engine.generate(prompts[:max(batches)], params(N))]
+        out[name] = run
+    return out
+
+
+def _llama_cpp_rates(llama_dir, model_dir, kinds, P, N, repeats):
+    """llama.cpp's batch-1 decode tokens/s per GGUF kind, on the same weights: converted by its own
+    convert_hf_to_gguf.py (f32 / bf16 / q8_0; q4_1 quantized from f32 by llama_model_quantize). Our
+    tokenizer's pre-tokenizer is Qwen2's regex, which is what the converter is told."""
+    import ctypes
+
+    import llama_cpp
+    convert = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/gguf-py']\n"
+               "import conversion.base as base, conversion.llama as llama, convert_hf_to_gguf\n"
+               "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'qwen2'\n"
+               "llama.LlamaModel.set_vocab = base.TextModel._set_vocab_gpt2\n"
+               "sys.argv = ['convert', sys.argv[2], '--outtype', sys.argv[3], '--outfile', sys.argv[4]]\n"
+               "convert_hf_to_gguf.main()\n")
+    rates, files = {}, {}
+    for kind in kinds:
+        files[kind] = os.path.join(model_dir, f"model-{kind}.gguf")
+        if kind == "q4_1":
+            p = llama_cpp.llama_model_quantize_default_params()
+            p.ftype, p.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, os.cpu_count()
+            src = files.get("f32") or _gguf(convert, llama_dir, model_dir, "f32")
+            assert llama_cpp.llama_model_quantize(src.encode(), files[kind].encode(), ctypes.byref(p)) == 0
+        else:
+            _gguf(convert, llama_dir, model_dir, kind)
+        rates[kind] = _llama_decode(files[kind], P, N, repeats)
+    return rates
+
+
+def _llama_decode(path, P, N, repeats):
+    import llama_cpp
+    # n_batch=1: llama.cpp's AMX prompt kernels crash (SIGILL) on some VMs for quantized types
+    llm = llama_cpp.Llama(path, n_ctx=P + N + 8, n_threads=os.cpu_count(), n_batch=1, logits_all=True, verbose=False)
+    prompt = list(range(300, 300 + P))
+
+    def generate(n):
+        llm.reset()
+        llm.eval(prompt)
+        for _ in range(n - 1):
+            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+    return _decode_rate(generate, P, N, repeats)
+
+
+def _gguf(convert, llama_dir, model_dir, kind):
+    import subprocess
+    import sys
+    out = os.path.join(model_dir, f"model-{kind}.gguf")
+    subprocess.run([sys.executable, "-c", convert, llama_dir, model_dir, kind, out], check=True,
+                   capture_output=True)
+    return out
+
+
+def _bandwidth():
+    """Memory read bandwidth, bytes/s: the best of five sums over 512 MiB (far past any cache)."""
+    import torch
+    a = torch.ones(128 << 20)
+    a.sum()
+    return a.numel() * 4 / min(_seconds(a.sum) for _ in range(5))
 
 
 def bench_engine(args):
-    """Output tokens/s of engine.generate next to transformers' generate on the same weights and the
-    matmul-only ceiling: greedy, every sequence exactly --new-tokens long, prefill included. Then
-    GRPO-style sampling with and without shared prompts, and the KV memory of 16 chats."""
+    """The engine's decode rate per weight format against llama.cpp on the same weights (batch 1) and
+    against the bandwidth limit; generate() throughput at each batch size against transformers' generate
+    (fp32, prefill included). Then GRPO-style sampling with and without shared prompts, and the KV memory
+    of 16 chats. Ours runs first: transformers and llama.cpp then use the main thread's pool."""
     import torch
     import transformers
-    from engine import InferenceEngine, SamplingParams
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    batches = [int(b) for b in args.batches.split(",")]
+    batches, formats = [int(b) for b in args.batches.split(",")], args.formats.split(",")
     P, N = args.prompt_len, args.new_tokens
     model, tok = _engine_model(args.shape, device)
+    rng, special = random.Random(0), tok.special_ids
+    vocab = [i for i in range(300, tok.vocab_size) if i not in special]
+    prompts = [[rng.choice(vocab) for _ in range(P)] for _ in range(max(batches))]
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).eval()
-    hf.generation_config.eos_token_id = None
-    # the engine never samples ids past the tokenizer's vocabulary (it could not decode them): nor may transformers
-    unused = list(range(tok.vocab_size, model.config.vocab_size))
-    engine = InferenceEngine(model, tok, max_batch_size=max(batches), max_seq_len=P + N, max_prefill_tokens=2048)
-    params = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
-    rng = random.Random(0)
-    special = tok.special_ids
-
-    def ours(prompts):
-        return [r.token_ids for r in engine.generate(prompts, params)]
-
-    def theirs(prompts):
-        ids = torch.tensor(prompts, device=device)
-        with torch.inference_mode():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
-                              do_sample=False, pad_token_id=0, suppress_tokens=unused or None)
-        return out[:, P:].tolist()
-
-    def timed(fn, prompts):
-        sync()
-        t = time.perf_counter()
-        out = fn(prompts)
-        sync()
-        return time.perf_counter() - t, out
-
-    rows = []
-    for B in batches:
-        prompts = [[rng.choice([i for i in range(300, tok.vocab_size) if i not in special]) for _ in range(P)]
-                   for _ in range(B)]
-        timed(ours, prompts[:2]), timed(theirs, prompts[:2])  # warm-up
-        runs = [(timed(ours, prompts), timed(theirs, prompts)) for _ in range(args.repeats)]  # alternate: fair noise
-        (t_ours, out_ours), (t_hf, out_hf) = min(r[0] for r in runs), min(r[1] for r in runs)
-        ceiling = B / _matmul_ceiling(model, B, sync)
-        same = sum(a == b for a, b in zip(out_ours, out_hf))
-        rows.append([B, f"{B * N / t_ours:,.0f}", f"{B * N / t_hf:,.0f}", f"{t_hf / t_ours:.2f}x", f"{ceiling:,.0f}",
-                     f"{B * N / t_ours / ceiling:.0%}", f"{same}/{B}"])
-    engine.close()
-    print_table(f"greedy generation, {args.shape} ({model.num_params() / 1e6:.1f}M params, fp32, {device}, "
-                f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers "
-                f"{transformers.__version__}): prompt {P} + {N} new tokens per sequence, best of {args.repeats}",
-                ["batch", "engine tok/s", "transformers tok/s", "engine / transformers", "matmul ceiling tok/s",
-                 "engine / ceiling", "same tokens"], rows)
+        tok.save(d)
+        ours = _engine_runs(d, formats, batches, prompts, P, N, args.repeats, device)
+        theirs = _transformers_rates(d, device, batches, prompts, N, tok, args.repeats)
+        llama = _llama_cpp_or_none(args, d, [FORMATS[f][2] for f in formats], P, N)
+    bandwidth = _bandwidth() if device.type == "cpu" else None
+    title = (f"{args.shape} ({model.num_params() / 1e6:.1f}M params, {device}, {torch.get_num_threads()} threads, "
+             f"torch {torch.__version__}, transformers {transformers.__version__})")
+    _print_decode(title, ours, llama, bandwidth, P, N, args.repeats)
+    _print_throughput(title, ours, theirs, batches, P, N)
     _bench_grpo_sampling(model, tok, special)
     _bench_kv_memory(model, tok, special)
+
+
+def _transformers_rates(model_dir, device, batches, prompts, N, tok, repeats):
+    """transformers' greedy generate on the same fp32 weights: tokens/s per batch size, and its tokens."""
+    import torch
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    hf.generation_config.eos_token_id = None
+    # the engine never samples ids past the tokenizer's vocabulary (it could not decode them): nor may transformers
+    unused = list(range(tok.vocab_size, hf.config.vocab_size)) or None
+
+    def generate(B):
+        ids = torch.tensor(prompts[:B], device=device)
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
+                              do_sample=False, pad_token_id=0, suppress_tokens=unused)
+        return out[:, ids.shape[1]:].tolist()
+    generate(2)
+    rates = {B: B * N / min(_seconds(lambda: generate(B)) for _ in range(repeats)) for B in batches}
+    rates["tokens"] = generate(max(batches))
+    return rates
+
+
+def _llama_cpp_or_none(args, model_dir, kinds, P, N):
+    import importlib.util
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("llama.cpp: skipped (pip install llama-cpp-python, and pass --llama-cpp DIR)")
+        return None
+    if not (args.llama_cpp and os.path.isfile(os.path.join(args.llama_cpp, "convert_hf_to_gguf.py"))):
+        print("llama.cpp: skipped: --llama-cpp must name llama.cpp's source folder (with convert_hf_to_gguf.py), "
+              "e.g. vendor/llama.cpp in the llama-cpp-python sdist (pip download --no-binary :all: --no-deps "
+              "llama-cpp-python)")
+        return None
+    return _llama_cpp_rates(args.llama_cpp, model_dir, kinds, P, N, args.repeats)
+
+
+def _print_decode(title, ours, llama, bandwidth, P, N, repeats):
+    """Batch-1 decode per format: tokens/s, against llama.cpp and the bandwidth limit (weight bytes per token)."""
+    rows = []
+    for name, run in ours.items():
+        kind = FORMATS[name][2]
+        limit = bandwidth / run["bytes"] if bandwidth else None
+        theirs = llama.get(kind) if llama else None
+        rows.append([name, f"{run['bytes'] / 1e6:,.0f}", f"{run['decode']:.1f}",
+                     f"{kind} {theirs:.1f}" if theirs else "-", f"{run['decode'] / theirs:.2f}x" if theirs else "-",
+                     f"{limit:,.0f}" if limit else "-", f"{run['decode'] / limit:.0%}" if limit else "-"])
+    print_table(f"batch-1 decode, {title}: prompt {P}, {N} tokens, best of {repeats}; bandwidth "
+                f"{bandwidth / 1e9:.0f} GB/s" if bandwidth else "", ["weights", "MB", "engine tok/s",
+                "llama.cpp tok/s", "engine / llama.cpp", "bandwidth limit tok/s", "engine / limit"], rows)
+    for name, run in ours.items():
+        print(f"  {name}: {run['line']}")
+
+
+def _print_throughput(title, ours, theirs, batches, P, N):
+    """generate() tokens/s per batch size (prefill included): each format against transformers' fp32."""
+    rows = []
+    for B in batches:
+        rows.append([B, f"{theirs[B]:,.0f}", *[f"{run[B]:,.0f} ({run[B] / theirs[B]:.2f}x)" for run in ours.values()]])
+    print_table(f"greedy generate, {title}: prompt {P} + {N} new tokens per sequence",
+                ["batch", "transformers fp32 tok/s", *[f"engine {name}" for name in ours]], rows)
+    if "float32" in ours:
+        same = sum(a == b for a, b in zip(ours["float32"]["tokens"], theirs["tokens"]))
+        print(f"  same greedy tokens as transformers (fp32): {same}/{len(theirs['tokens'])} sequences")
 
 
 def _bench_grpo_sampling(model, tok, special, prompts=16, n=8, new=24, P=64):

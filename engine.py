@@ -337,7 +337,7 @@ class InferenceEngine:
         with one_thread():
             reason = None
             if dtype == "auto":
-                dtype, reason = quant.pick_dtype(device, (1, kwargs.get("max_batch_size", 8)))
+                dtype, reason = quant.pick_dtype(device, (1, kwargs.get("max_batch_size", 8)), quantize)
             elif dtype is None and device.type == "cpu":
                 dtype = torch.float32
             model = Transformer.from_pretrained(path, device=device, dtype=dtype).fuse_projections()

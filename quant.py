@@ -169,14 +169,17 @@ def quantize(model, kind: str):
     return model
 
 
-def pick_dtype(device, batch_sizes=(1, 8)):
-    """--dtype auto -> (dtype, why): bf16 on CUDA; on a CPU that computes bf16 natively (AVX512-BF16 or
-    AMX) bf16 when a 32 MB weight's matmul measures faster than fp32 at each of batch_sizes (the decode
-    batch sizes in use), else fp32."""
+def pick_dtype(device, batch_sizes=(1, 8), quantized=None):
+    """--dtype auto -> (dtype, why): bf16 on CUDA; on a CPU, fp32 activations under quantized weights
+    (the kernels take bf16 inside; the elementwise ops are faster in fp32 on a CPU); else, on a CPU that
+    computes bf16 natively (AVX512-BF16 or AMX), bf16 when a 32 MB weight's matmul measures faster than
+    fp32 at each of batch_sizes (the decode batch sizes in use), else fp32."""
     device = torch.device(device)
     if device.type == "cuda":
         return (torch.bfloat16, "CUDA computes bf16") if torch.cuda.is_bf16_supported() else \
             (torch.float32, "this GPU has no bf16")
+    if quantized:
+        return torch.float32, f"auto: {quantized} weights, fp32 activations"
     if device.type != "cpu" or not torch.backends.mkldnn.is_available() \
             or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.float32, "no native bf16 on this device"
