@@ -6,6 +6,7 @@ Each subcommand measures one part of the stack and prints a small table:
     python bench.py model --preset tiny  # forward / training tokens/s, vs transformers
     python bench.py data                 # HDF5 window reads and prepare throughput
     python bench.py engine               # generation tokens/s at batch 1/8/32, vs transformers generate
+    python bench.py quant --model DIR    # int8 / int4 perplexity and greedy agreement vs fp32
     python bench.py server               # HTTP overhead per request, vs the engine directly
 
 To add a benchmark, write `bench_NAME(args)` and an `add_NAME_args(parser)`,
@@ -14,6 +15,7 @@ fixed seeds (no downloads), so numbers from two machines are comparable.
 """
 
 import argparse
+import math
 import os
 import random
 import tempfile
@@ -499,6 +501,43 @@ def _bench_kv_memory(model, tok, special, chats=16, P=300, new=16):
                                      f"{engine.cache.nbytes():,}"]])
 
 
+def add_quant_args(p):
+    p.add_argument("--model", required=True, help="a trained model directory (e.g. runs/demo-1-pretrain/latest's)")
+    p.add_argument("--problems", type=int, default=300, help="held-out arithmetic problems (task.py), as text")
+
+
+def bench_quant(args):
+    """Perplexity on held-out text and the share of positions whose greedy next token matches fp32's,
+    for int8 and int4 weights against fp32, on the built-in task's held-out problems."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    import quant
+    import tokenizer
+    from model import Transformer
+    from task import ArithmeticTask
+    tok, fp32 = tokenizer.load(args.model), Transformer.from_pretrained(args.model, dtype=torch.float32).eval()
+    texts = [tok.encode(r["text"]) for r in ArithmeticTask(0).records("seq", args.problems, "eval")]
+
+    def score(model):
+        nll, top = 0.0, []
+        with torch.inference_mode():
+            for ids in texts:
+                logits = model(torch.tensor([ids]))[0, :-1].float()
+                nll += F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
+                top.append(logits.argmax(-1))
+        return math.exp(nll / sum(len(t) - 1 for t in texts)), torch.cat(top)
+    base, top = score(fp32)
+    rows = [["float32", f"{base:.4f}", "", ""]]
+    for kind in quant.KINDS:
+        ppl, t = score(quant.quantize(copy.deepcopy(fp32), kind))
+        rows.append([kind, f"{ppl:.4f}", f"{(ppl / base - 1) * 100:+.2f}%", f"{(t == top).float().mean():.2%}"])
+    print_table(f"{args.model}: {len(texts)} held-out problems, {sum(len(t) - 1 for t in texts):,} predicted tokens",
+                ["weights", "perplexity", "vs fp32", "greedy next token = fp32's"], rows)
+
+
 def add_server_args(p):
     p.add_argument("--requests", type=int, default=100, help="rounds; each round runs every path once")
     p.add_argument("--new-tokens", type=int, default=1, help="small, so the model does not drown the overhead")
@@ -626,6 +665,8 @@ BENCHMARKS = {
     "model": ("forward and training-step tokens/s for a preset, vs transformers", add_model_args, bench_model),
     "engine": ("generation tokens/s at several batch sizes, engine vs transformers' generate",
                add_engine_args, bench_engine),
+    "quant": ("perplexity and greedy agreement of int8 / int4 weights against fp32 on held-out text",
+              add_quant_args, bench_quant),
     "server": ("per-request latency: engine direct vs HTTP vs openai client", add_server_args, bench_server),
 }
 
