@@ -348,7 +348,7 @@ class InferenceEngine:
         return engine
 
     def describe(self) -> str:
-        """One line: parameters, how the weights are stored and their bytes, the activation dtype, the KV cache."""
+        """One line: layers, how the weights are stored and their bytes, the activation dtype and why, the KV cache."""
         import quant
         m = self.model
         kind = getattr(m, "quantized", None) or str(m.dtype).removeprefix("torch.")

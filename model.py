@@ -272,9 +272,8 @@ class Transformer(nn.Module):
         """A paged KV cache of num_blocks blocks for this model's layers (attention.PagedKVCache)."""
         cfg = self.config
         kind = MLA if cfg.attention_type == "mla" else GQA
-        p = self.model.norm.weight
         return PagedKVCache([kind.cache_shapes(cfg)] * cfg.num_hidden_layers, num_blocks, block_size,
-                            device=device or p.device, dtype=dtype or p.dtype)
+                            device=device or self.model.norm.weight.device, dtype=dtype or self.dtype)
 
     def hidden_states(self, input_ids: torch.Tensor, kv: Optional[KVBatch] = None):
         """Final-norm hidden states (B, T, C).
