@@ -227,8 +227,8 @@ class _Output:
 def one_thread():
     """Run torch on one thread inside the block. GNU OpenMP gives each thread that runs a parallel op
     its own worker pool; with a second pool alive (the loading thread's) the engine thread's small
-    decode ops wait on woken-up workers and run ~1.7x slower on 2 cores (measured). Loading on one
-    thread leaves the engine thread the only pool."""
+    decode ops wait on woken-up workers and run markedly slower on a small CPU (README, "Fast decoding
+    on a CPU"). Loading on one thread leaves the engine thread the only pool."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
