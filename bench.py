@@ -263,11 +263,11 @@ def _engine_model(shape, device):
         return Transformer(cfg).to(device).eval(), tok
 
 
-def _decode_rate(generate, P, N, repeats, batch=1):
+def _decode_rate(generate, N, repeats):
     """Decode tokens/s without the prompt: (time for prompt + N + 1 tokens - time for prompt + 1 token) / N.
-    generate(n) runs one batch of a P-token prompt to n new tokens."""
+    generate(n) runs one prompt to n new tokens."""
     generate(2)  # warm-up
-    return batch * N / min(_seconds(lambda: generate(N + 1)) - _seconds(lambda: generate(1)) for _ in range(repeats))
+    return N / min(_seconds(lambda: generate(N + 1)) - _seconds(lambda: generate(1)) for _ in range(repeats))
 
 
 def _seconds(fn):
@@ -291,7 +291,7 @@ def _engine_runs(model_dir, formats, batches, prompts, P, N, repeats, device):
                                              getattr(torch, dtype), quantize=kind, max_batch_size=max(batches),
                                              max_seq_len=P + N + 1, max_prefill_tokens=2048) as engine:
             run = {"bytes": quant.weight_bytes(engine.model), "line": engine.describe(),
-                   "decode": _decode_rate(lambda n: engine.generate(prompts[:1], params(n)), P, N, repeats)}
+                   "decode": _decode_rate(lambda n: engine.generate(prompts[:1], params(n)), N, repeats)}
             for B in batches:
                 engine.generate(prompts[:B], params(4))
                 t = min(_seconds(lambda: engine.generate(prompts[:B], params(N))) for _ in range(repeats))
@@ -314,17 +314,16 @@ def _llama_cpp_rates(llama_dir, model_dir, kinds, P, N, repeats):
                "llama.LlamaModel.set_vocab = base.TextModel._set_vocab_gpt2\n"
                "sys.argv = ['convert', sys.argv[2], '--outtype', sys.argv[3], '--outfile', sys.argv[4]]\n"
                "convert_hf_to_gguf.main()\n")
-    rates, files = {}, {}
+    rates = {}
     for kind in kinds:
-        files[kind] = os.path.join(model_dir, f"model-{kind}.gguf")
         if kind == "q4_1":
             p = llama_cpp.llama_model_quantize_default_params()
             p.ftype, p.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, os.cpu_count()
-            src = files.get("f32") or _gguf(convert, llama_dir, model_dir, "f32")
-            assert llama_cpp.llama_model_quantize(src.encode(), files[kind].encode(), ctypes.byref(p)) == 0
+            src, path = _gguf(convert, llama_dir, model_dir, "f32"), os.path.join(model_dir, "model-q4_1.gguf")
+            assert llama_cpp.llama_model_quantize(src.encode(), path.encode(), ctypes.byref(p)) == 0
         else:
-            _gguf(convert, llama_dir, model_dir, kind)
-        rates[kind] = _llama_decode(files[kind], P, N, repeats)
+            path = _gguf(convert, llama_dir, model_dir, kind)
+        rates[kind] = _llama_decode(path, P, N, repeats)
     return rates
 
 
@@ -339,13 +338,16 @@ def _llama_decode(path, P, N, repeats):
         llm.eval(prompt)
         for _ in range(n - 1):
             llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
-    return _decode_rate(generate, P, N, repeats)
+    return _decode_rate(generate, N, repeats)
 
 
 def _gguf(convert, llama_dir, model_dir, kind):
+    """model_dir converted to GGUF `kind` by llama.cpp's converter (once); its path."""
     import subprocess
     import sys
     out = os.path.join(model_dir, f"model-{kind}.gguf")
+    if os.path.isfile(out):
+        return out
     subprocess.run([sys.executable, "-c", convert, llama_dir, model_dir, kind, out], check=True,
                    capture_output=True)
     return out
@@ -432,8 +434,8 @@ def _print_decode(title, ours, llama, bandwidth, P, N, repeats):
         rows.append([name, f"{run['bytes'] / 1e6:,.0f}", f"{run['decode']:.1f}",
                      f"{kind} {theirs:.1f}" if theirs else "-", f"{run['decode'] / theirs:.2f}x" if theirs else "-",
                      f"{limit:,.0f}" if limit else "-", f"{run['decode'] / limit:.0%}" if limit else "-"])
-    print_table(f"batch-1 decode, {title}: prompt {P}, {N} tokens, best of {repeats}; bandwidth "
-                f"{bandwidth / 1e9:.0f} GB/s" if bandwidth else "", ["weights", "MB", "engine tok/s",
+    measured = f"; bandwidth {bandwidth / 1e9:.0f} GB/s" if bandwidth else ""
+    print_table(f"batch-1 decode, {title}: prompt {P}, {N} tokens, best of {repeats}{measured}", ["weights", "MB", "engine tok/s",
                 "llama.cpp tok/s", "engine / llama.cpp", "bandwidth limit tok/s", "engine / limit"], rows)
     for name, run in ours.items():
         print(f"  {name}: {run['line']}")

@@ -36,6 +36,7 @@ from typing import Optional
 
 import torch
 
+import quant
 from attention import KVBatch
 from sampling import (DEFAULTS_FROM_MODEL, RequestError, SamplingParams, find_stop, held_back, is_int, is_num, need,
                       sample)
@@ -329,7 +330,6 @@ class InferenceEngine:
         bf16 where the hardware computes it natively and faster); None: float32 on CPU (reproducible
         figures), the checkpoint's own elsewhere.
         Loading runs on one thread (one_thread), which keeps the engine thread's decoding fast."""
-        import quant
         import tokenizer as tokenizer_module
         from model import Transformer
 
@@ -349,7 +349,6 @@ class InferenceEngine:
 
     def describe(self) -> str:
         """One line: layers, how the weights are stored and their bytes, the activation dtype and why, the KV cache."""
-        import quant
         m = self.model
         kind = getattr(m, "quantized", None) or str(m.dtype).removeprefix("torch.")
         why = f" ({self.dtype_reason})" if self.dtype_reason else ""

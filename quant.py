@@ -12,8 +12,8 @@ fewer bytes than fp32; the matmul kernels dequantize in registers.
 
 Both kernels take bf16 activations (an fp32 input would run a slow path); the layers cast on the
 way in and back to the caller's dtype on the way out, so the rest of the model (norms, attention,
-the residual stream, the KV cache) keeps its own dtype. Each layer's `reference` is the readable
-path: dequantize, then the ordinary matmul; tests hold the kernels to it.
+the residual stream, the KV cache) keeps its own dtype. The readable paths, dequantize then the
+ordinary matmul, are `Int8Linear.reference` and `dequantize_int4`; tests hold the kernels to them.
 
 What is quantized: every Linear of the decoder blocks, and the embedding table / output head in
 int8 for both kinds (the head decides every token; int4 there costs the most quality for the
