@@ -4,20 +4,25 @@ Our ChatML ("<|im_start|>role\\ncontent<|im_end|>\\n" per turn, after a default 
 rendered in Python and saved as the equivalent Jinja; or a model's own Jinja template, rendered as
 transformers' apply_chat_template renders it (utils/chat_template_utils.py). Special tokens in the
 rendered text are recognised except inside message contents, so a user who types "<|im_end|>"
-cannot close their turn. The mask: ChatML marks each reply and its <|im_end|>; a model's template
+cannot close their turn. Tools (OpenAI's function schemas) and assistant tool_calls reach a
+model's template as transformers passes them; our ChatML lists tools in the system message and
+writes calls as <tool_call>{"name", "arguments"}</tool_call>, the Hermes / Qwen convention.
+ToolFormat parses the calls back out of generated text, per template family. The mask: ChatML marks each reply and its <|im_end|>; a model's template
 marks what assistant message k adds to the rendering of messages[:k] plus the generation prompt,
 and a template that rewrites earlier turns is refused, never given a wrong mask. Encoding is the
 tokenizer's, passed in as `tok`: tokenizer.py imports this file, not the reverse.
 
-Left out: tools and documents (templates see tools=None), the {% generation %} tag, multi-part content.
+Left out: documents (templates see documents=None), the {% generation %} tag, multi-part content.
 
     tok = tokenizer.load("models/SmolLM2")         # tok.chat = ChatTemplate.from_config(that directory)
     ids, mask = tok.apply_chat_template(messages)  # tok.chat.encode_with_mask(tok, messages)
 """
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Callable
 
 # -----------------------------------------------------------------------------
 # Messages and our ChatML
@@ -27,7 +32,8 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 def check_messages(messages):
-    """ValueError, saying what to fix, unless messages is a non-empty list of {"role", "content": str}."""
+    """ValueError, saying what to fix, unless messages is a non-empty list of {"role", "content": str}
+    (an assistant message with tool_calls may have content None)."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts, got "
                          f"{messages!r:.60}")
@@ -35,7 +41,8 @@ def check_messages(messages):
         if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
             role = m.get("role") if isinstance(m, dict) else None
             raise ValueError(f"message {k} has role {role!r}; use one of {', '.join(CHAT_ROLES)}")
-        if not isinstance(m.get("content"), str):
+        if not isinstance(m.get("content"), str) and not (m["role"] == "assistant" and m.get("tool_calls")
+                                                           and m.get("content") is None):
             raise ValueError(f"message {k} content must be a string, got {type(m.get('content')).__name__}; "
                              "join multi-part content into one string first")
 
@@ -84,12 +91,12 @@ def compile_chat_template(source):
         raise ValueError(f"the chat template does not compile: {e}") from None
 
 
-def render_template(template, messages, add_generation_prompt, special_tokens_map):
+def render_template(template, messages, add_generation_prompt, special_tokens_map, tools=None):
     """The template's text for a conversation. Messages are dicts, so a template may read m['role'] or m.role
     (Jinja looks up items when attributes fail). raise_exception(msg) or any render error -> ValueError(msg)."""
     import jinja2
     try:
-        return template.render(messages=messages, tools=None, documents=None,
+        return template.render(messages=messages, tools=tools, documents=None,
                                add_generation_prompt=add_generation_prompt, **special_tokens_map)
     except (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:
         raise ValueError(f"chat template: {e}") from None
@@ -101,20 +108,37 @@ def _content_spans(text, messages, special_re):
     template changed (trimmed, say) cannot be protected, and is an error rather than an injection."""
     spans, pos = [], 0
     for k, m in enumerate(messages):
-        content = m["content"]
+        content = m["content"] or ""
         found = text.find(content, pos) if content else -1
         if found < 0 and content.strip():
             content = content.strip()
             found = text.find(content, pos)
         if found >= 0:
             pos = found + len(content)
-        if special_re is None or not special_re.search(m["content"]):
+        if special_re is None or not special_re.search(content):
             continue
         if found < 0:
             raise ValueError(f"message {k} contains special-token text that the chat template changes, so it "
                              "cannot be kept as plain text; remove the special-token text")
         spans.append((found, found + len(content)))
     return spans
+
+
+def chatml_tools(system, tools):
+    """Our ChatML's system message with tools: the given one (or none), then each function schema as a JSON
+    line and how to call one, in the Hermes / Qwen convention that ToolFormat "hermes" parses."""
+    listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    return ((system + "\n\n" if system else "") + "# Tools\n\nYou may call one or more of these functions:\n"
+            f"<tools>\n{listed}\n</tools>\n\nFor each call, reply with a JSON object of the function's name and "
+            'arguments inside tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+
+
+def chatml_content(m):
+    """A message's text in our ChatML: an assistant's tool calls follow its content as <tool_call> blocks."""
+    calls = [c.get("function", c) for c in m.get("tool_calls") or []]
+    return "\n".join([m["content"]] * bool(m["content"]) + [
+        "<tool_call>\n" + json.dumps({"name": c["name"], "arguments": c["arguments"]}, ensure_ascii=False) +
+        "\n</tool_call>" for c in calls])
 
 
 def _common_prefix(a, b):
@@ -157,20 +181,28 @@ class ChatTemplate:
         names = {n: v for n, v in names.items() if isinstance(v, str)}
         return cls(source if isinstance(source, str) else None, names, config.get("default_system_message"))
 
-    def render(self, messages, add_generation_prompt=False):
-        """Messages -> the prompt text: transformers' apply_chat_template(..., tokenize=False) for the model's
-        own template; else ChatML, and add_generation_prompt appends "<|im_start|>assistant\\n"."""
+    def render(self, messages, add_generation_prompt=False, tools=None):
+        """Messages -> the prompt text: transformers' apply_chat_template(..., tools=tools, tokenize=False) for
+        the model's own template; else ChatML, and add_generation_prompt appends "<|im_start|>assistant\\n"."""
         check_messages(messages)
         if self._compiled is not None:
-            return render_template(self._compiled, messages, add_generation_prompt, self.special_tokens_map)
+            return render_template(self._compiled, messages, add_generation_prompt, self.special_tokens_map, tools)
         return "".join(f"{IM_START}{role}\n{content}{IM_END}\n" for role, content in
-                       self._turns(messages)) + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+                       self._turns(messages, tools)) + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
-    def encode(self, tok, messages, add_generation_prompt=True):
+    def encode(self, tok, messages, add_generation_prompt=True, tools=None):
         """Messages -> prompt ids. Special-token text inside a message stays plain text."""
-        if self._compiled is None:
+        if self._compiled is None and not tools and not any(m.get("tool_calls") for m in messages):
             return self._encode_chatml(tok, messages, add_generation_prompt)[0]
-        return _encode_rendered(tok, self.render(messages, add_generation_prompt), messages)
+        return _encode_rendered(tok, self.render(messages, add_generation_prompt, tools), messages)
+
+    @property
+    def tool_format(self):
+        """The ToolFormat of this template's family; None if the model's own template ignores tools."""
+        if self.source is None:
+            return TOOL_FORMATS["hermes"]
+        return next((f for f in TOOL_FORMATS.values() if f.detect(self.source)), None) if "tools" in self.source \
+            else None
 
     def encode_with_mask(self, tok, messages, add_generation_prompt=False):
         """Messages -> (ids, assistant_mask); mask[i] = 1 on tokens an SFT loss trains on.
@@ -222,13 +254,100 @@ class ChatTemplate:
             ids, mask = ids + prompt, mask + [0] * len(prompt)
         return ids, mask
 
-    def _turns(self, messages):
-        if self.default_system is not None and messages[0]["role"] != "system":
-            yield "system", self.default_system
-        for m in messages:
-            yield m["role"], m["content"]
+    def _turns(self, messages, tools=None):
+        system = messages[0]["content"] if messages[0]["role"] == "system" else self.default_system
+        if tools:
+            yield "system", chatml_tools(system, tools)
+        elif system is not None:
+            yield "system", system
+        for m in messages[1:] if messages[0]["role"] == "system" else messages:
+            yield m["role"], chatml_content(m)
 
 
 def _encode_rendered(tok, text, messages):
     """Ids of a rendered chat: specials recognised, except inside the messages' contents."""
     return tok.encode(text, allow_special=True, plain_spans=_content_spans(text, messages, tok.special_re))
+
+
+# -----------------------------------------------------------------------------
+# Tool calls in generated text, per template family
+
+
+def _json_objects(text):
+    """Every top-level JSON value in text, in order ('{"a": 1} {"b": 2}' -> two dicts); None if any part is not JSON."""
+    decoder, out, i = json.JSONDecoder(), [], 0
+    while (i := len(text) - len(text[i:].lstrip(" \n\t;,"))) < len(text):
+        try:
+            value, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return None
+        out.extend(value if isinstance(value, list) else [value])
+    return out
+
+
+def _calls(objects, arguments="arguments"):
+    """[{"name", arguments: {...}}] -> [(name, arguments dict)]; None if any is not a call."""
+    if not objects or not all(isinstance(o, dict) and isinstance(o.get("name"), str) and
+                              isinstance(o.get(arguments, o.get("arguments", {})), dict) for o in objects):
+        return None
+    return [(o["name"], o.get(arguments, o.get("arguments", {}))) for o in objects]
+
+
+def _hermes(text):  # <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>, one block per call
+    blocks = re.findall(r"<tool_call>(.*?)(?:</tool_call>|$)", text, re.DOTALL)
+    objects = [_json_objects(b) for b in blocks]
+    return None if any(o is None or len(o) != 1 for o in objects) else _calls([o[0] for o in objects])
+
+
+def _llama3_json(text):  # {"name": ..., "parameters": {...}}, several separated by ";"; <|python_tag|> optional
+    return _calls(_json_objects(text.removeprefix("<|python_tag|>")), "parameters")
+
+
+def _mistral(text):  # [TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]
+    return _calls(_json_objects(text.removeprefix("[TOOL_CALLS]")))
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    """How one template family writes tool calls in a reply. The reply's text before `start` is content; from
+    `start` on, `parse` reads the calls ([(name, arguments dict)], or None when they are malformed, and the
+    whole reply is then content, as vLLM's parsers do). To support a family, add one here: its marker, a
+    parser, and `detect`, a test on the template's source."""
+    name: str
+    start: str
+    parse: Callable
+    detect: Callable
+    at_start: bool = False  # the marker counts only at the very start of the reply (Llama's bare JSON)
+    special: bool = False  # the marker is a special token, so the text must keep special tokens
+
+    def split(self, text):
+        """(content, calls): calls is [] when the reply calls nothing or its calls do not parse."""
+        i = self.find(text)
+        calls = self.parse(text[i:]) if i is not None else None
+        return (text, []) if calls is None else (text[:i].strip() or None, calls)
+
+    def find(self, text):
+        """Where the calls begin in text, or None."""
+        if self.at_start:
+            return len(text) - len(text.lstrip()) if text.lstrip().startswith(self.start) else None
+        i = text.find(self.start)
+        return None if i < 0 else i
+
+    def safe(self, text):
+        """How much of a reply so far is surely content (a stream sends it; the rest might begin a call)."""
+        i = self.find(text)
+        if i is not None:
+            return i
+        if self.at_start:
+            head = text.lstrip()
+            return 0 if self.start.startswith(head) or not text.strip() else len(text)
+        return len(text) - next((k for k in range(min(len(self.start) - 1, len(text)), 0, -1)
+                                 if text.endswith(self.start[:k])), 0)
+
+
+TOOL_FORMATS = {
+    "mistral": ToolFormat("mistral", "[TOOL_CALLS]", _mistral, lambda src: "[TOOL_CALLS]" in src, special=True),
+    "hermes": ToolFormat("hermes", "<tool_call>", _hermes, lambda src: "<tool_call>" in src),  # Qwen2.5/3, Hermes
+    "llama3_json": ToolFormat("llama3_json", '{"', _llama3_json, lambda src: "<|eot_id|>" in src or
+                              "<|python_tag|>" in src, at_start=True),
+}

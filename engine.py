@@ -22,6 +22,7 @@ decoding, beam search.
 """
 
 import atexit
+import concurrent.futures
 import itertools
 import queue
 import sys
@@ -38,6 +39,7 @@ import torch
 
 import quant
 from attention import KVBatch
+from metrics import TOKEN_BUCKETS, TTFT_BUCKETS, Histogram
 from sampling import (DEFAULTS_FROM_MODEL, RequestError, SamplingParams, find_stop, held_back, is_int, is_num, need,
                       sample)
 from scheduler import BlockManager, Scheduler, Sequence
@@ -187,8 +189,8 @@ class _Output:
     """One choice's text as it streams: whole UTF-8 characters, stop strings cut, and what the
     caller has not been sent yet (text, token ids, logprobs)."""
 
-    def __init__(self, tokenizer, stops):
-        self.decoder, self.stops = StreamDecoder(tokenizer, skip_special=True), stops
+    def __init__(self, tokenizer, stops, skip_special=True):
+        self.decoder, self.stops = StreamDecoder(tokenizer, skip_special=skip_special), stops
         self.text, self.sent = "", 0
         self.ids, self.logprobs = [], []
 
@@ -314,10 +316,16 @@ class InferenceEngine:
         self._inbox, self._forget, self._forgotten = deque(), False, threading.Event()
         self._cv = threading.Condition()
         self._closed = False
+        self._vocabulary, self._vocabulary_lock = None, threading.Lock()
         self._perf = {"prefill": deque(maxlen=64), "decode": deque(maxlen=64)}  # (tokens, seconds) per step
         self._ttft = deque(maxlen=100)
         self._counters = {"requests_finished": 0, "requests_aborted": 0, "requests_failed": 0, "tokens_generated": 0,
-                          "prefill_tokens": 0}
+                          "prefill_tokens": 0, "prompt_tokens": 0}
+        self.histograms = {"time_to_first_token_seconds": (Histogram(TTFT_BUCKETS), "Seconds from submit to the "
+                                                            "first token."),
+                           "time_per_output_token_seconds": (Histogram(TOKEN_BUCKETS), "Seconds between a sequence's "
+                                                              "consecutive tokens.")}
+        self._calls = deque()  # (function, Future): run by the engine thread between steps (embed)
         self._thread = threading.Thread(target=self._loop, name="engine-scheduler", daemon=True)
         self._thread.start()
         _live_engines.add(self)
@@ -378,18 +386,63 @@ class InferenceEngine:
         V = self.model.config.vocab_size
         bad = next((i for i in params.stop_token_ids if i >= V), None)
         need(bad is None, "stop_token_ids", f"token id {bad} is outside the vocabulary [0, {V})")
+        bad = next((i for i in params.logit_bias if i >= V), None)
+        need(bad is None, "logit_bias", f"token id {bad} is outside the vocabulary [0, {V})")
         need(params.n <= self.max_batch_size, "n", f"{params.n} choices but this engine decodes at most "
               f"{self.max_batch_size} sequences at once; ask for at most {self.max_batch_size} (--max-batch-size)")
+        grammar = None if params.json_schema is None else self.vocabulary().compile(params.json_schema, "json_schema")
         request = Request(ids, params, max_new_tokens(self.max_seq_len, len(ids), params), self._wake)
-        first = Sequence(request, 0, _Output(self.tokenizer, params.stop))
-        sequences = [first] + [Sequence(request, i, _Output(self.tokenizer, params.stop), leader=first)
-                               for i in range(1, params.n)]
+        out = lambda: _Output(self.tokenizer, params.stop, params.skip_special_tokens)  # noqa: E731
+        first = Sequence(request, 0, out())
+        sequences = [first] + [Sequence(request, i, out(), leader=first) for i in range(1, params.n)]
+        for seq in sequences:
+            seq.grammar = grammar and grammar.matcher()
         with self._cv:
             if self._closed:
                 raise EngineError("the engine is closed")
             self._inbox.extend(sequences)
+            self._counters["prompt_tokens"] += len(ids)
             self._cv.notify()
         return request
+
+    def embed(self, prompts) -> torch.Tensor:
+        """(N, C) float32, one unit vector per prompt (a str or token ids): the mean over its tokens of the
+        model's final-norm hidden states, L2-normalised, so a dot product is the cosine similarity. Runs on
+        the engine thread between steps, in batches of at most max_batch_size prompts, padded on the right
+        (causal attention: padding never reaches a real token); identical prompts are computed once."""
+        ids = [prompt_ids(self.tokenizer, p, self.model.config.vocab_size) for p in prompts]
+        for i, x in enumerate(ids):
+            need(len(x) <= self.max_seq_len, "input", f"input {i} has {len(x)} tokens; the context is "
+                 f"{self.max_seq_len}")
+        unique = list(dict.fromkeys(map(tuple, ids)))
+        vectors = self._call(lambda: torch.cat([self._embed_batch(unique[i:i + self.max_batch_size])
+                                                for i in range(0, len(unique), self.max_batch_size)]))
+        return vectors[[unique.index(tuple(x)) for x in ids]]
+
+    def _embed_batch(self, rows):
+        T = max(map(len, rows))
+        ids = torch.tensor([list(r) + [0] * (T - len(r)) for r in rows], device=self.device)  # (B, T)
+        real = (torch.arange(T, device=self.device) < torch.tensor([len(r) for r in rows], device=self.device)[:, None])
+        h = self.model.hidden_states(ids).float() * real[..., None]  # (B, T, C), padding zeroed
+        return torch.nn.functional.normalize(h.sum(1) / real.sum(1, keepdim=True), dim=-1).cpu()
+
+    def _call(self, fn):
+        """fn() on the engine thread (which owns the model), between steps; its result or its exception."""
+        future = concurrent.futures.Future()
+        with self._cv:
+            if self._closed:
+                raise EngineError("the engine is closed")
+            self._calls.append((fn, future))
+            self._cv.notify()
+        return future.result()
+
+    def vocabulary(self):
+        """The tokenizer as constrained decoding reads it (grammar.Vocabulary), built on first use."""
+        with self._vocabulary_lock:
+            if self._vocabulary is None:
+                import grammar
+                self._vocabulary = grammar.Vocabulary(self.tokenizer, self.stop_ids)
+            return self._vocabulary
 
     def reset_prefix_cache(self):
         """Forget every cached prefix (done by the engine thread between steps; returns once done).
@@ -404,11 +457,11 @@ class InferenceEngine:
             if not self._thread.is_alive():
                 return self.scheduler.blocks.forget()  # a closed engine: nobody else touches the blocks
 
-    def chat_prompt(self, messages) -> list:
-        """Prompt ids for [{"role", "content"}, ...] through the model's chat template
-        (or our ChatML), ending where the assistant's reply begins."""
+    def chat_prompt(self, messages, tools=None) -> list:
+        """Prompt ids for [{"role", "content"}, ...] (and tools: OpenAI function schemas) through the
+        model's chat template (or our ChatML), ending where the assistant's reply begins."""
         try:
-            return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+            return self.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)
         except ValueError as e:
             raise RequestError(f"messages: {e}", "messages") from None
 
@@ -479,10 +532,17 @@ class InferenceEngine:
     def _take_inbox(self) -> bool:
         """Wait for work; move what other threads handed over into the scheduler. False once closed."""
         with self._cv:
-            while not (self._inbox or self._forget or self.scheduler.has_work() or self._closed):
+            while not (self._inbox or self._calls or self._forget or self.scheduler.has_work() or self._closed):
                 self._cv.wait()
             new, forget, self._forget = list(self._inbox), self._forget, False
+            calls = list(self._calls)
             self._inbox.clear()
+            self._calls.clear()
+        for fn, future in calls:
+            try:
+                future.set_result(fn())
+            except Exception as e:
+                future.set_exception(e)
         self.scheduler.add(new)
         if forget:
             self.scheduler.blocks.forget()
@@ -568,15 +628,23 @@ class InferenceEngine:
         if request.first_token_at is None:
             request.first_token_at = now
             self._ttft.append(now - request.submitted_at)
+            self.histograms["time_to_first_token_seconds"][0].observe(now - request.submitted_at)
+        if seq.tokens:
+            self.histograms["time_per_output_token_seconds"][0].observe(now - seq.last_token_at)
+        seq.last_token_at = now
         seq.tokens.append(token)
         if lp is not None:
             seq.logprobs.append(lp)
         self._counters["tokens_generated"] += 1
+        if seq.grammar is not None:
+            seq.grammar.consume(token)
         stop_token = (token in self.stop_ids and not p.ignore_eos) or token in p.stop_id_set
         if seq.out.add(token, lp, as_text=not stop_token):
             return self._finish(seq, "stop", flush=False)  # a stop string: bytes after it do not matter
-        if stop_token or len(seq.tokens) >= seq.max_tokens:
-            return self._finish(seq, "stop" if stop_token else "length")
+        if stop_token or (seq.grammar is not None and seq.grammar.done):  # a grammar ends at a stop token
+            return self._finish(seq, "stop")
+        if len(seq.tokens) >= seq.max_tokens:
+            return self._finish(seq, "length")
         delta = seq.out.delta(seq.index, p.logprobs)
         if delta is not None:
             request.push(delta)

@@ -3,10 +3,11 @@
 SamplingParams validates a request's settings against what the sampler's float32 / int64
 tensors can hold (a 400 naming the field, never a NaN in a batch). `sample` is the whole
 per-row pipeline, in this order: the vocabulary mask, the raw logprobs (log_softmax before
-anything else, as OpenAI reports them), repetition penalty (CTRL, Keskar et al. 2019: seen
+anything else, as OpenAI reports them), logit_bias (OpenAI's: added to the logits; -100 bans a
+token outright, +100 makes the +100 tokens the only candidates), repetition penalty (CTRL, Keskar et al. 2019: seen
 tokens' positive logits are divided by it, negative ones multiplied), presence / frequency
-penalties (OpenAI: logit -= f * count + p * [count > 0] over generated tokens), temperature
-(0 = argmax), top-k, top-p (Holtzman et al. 2019), min-p (Nguyen et al. 2024: keep
+penalties (OpenAI: logit -= f * count + p * [count > 0] over generated tokens), the grammar mask (constrained decoding: grammar.py; only tokens that keep
+the output valid), temperature (0 = argmax), top-k, top-p (Holtzman et al. 2019), min-p (Nguyen et al. 2024: keep
 p >= min_p * p_max), the validity check, and one inverse-CDF draw from a number fixed by
 (seed, position): counter-based, so a seed gives the same tokens whatever else is batched.
 Stop strings are matched on the decoded text, and text that may begin one is held back.
@@ -26,6 +27,7 @@ MIN_POSITIVE = torch.finfo(torch.float32).tiny  # 1.2e-38: smaller positive temp
 INT64 = 1 << 63
 MAX_N = 64  # choices per request
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # entries per request
 DEFAULTS_FROM_MODEL = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # generation_config.json
 
 
@@ -70,6 +72,9 @@ class SamplingParams:
     logprobs: bool = False  # per-token logprob of each sampled token
     top_logprobs: int = 0  # and this many best alternatives
     n: int = 1
+    logit_bias: dict = field(default_factory=dict)  # {token id (an int, or its decimal string): bias in [-100, 100]}
+    json_schema: Optional[dict] = None  # the output must be JSON valid against it (grammar.py); {} = any JSON
+    skip_special_tokens: bool = True  # False: special tokens appear in the text (tool-call markers such as [TOOL_CALLS])
     stop_id_set: frozenset = field(init=False, repr=False, compare=False)  # stop_token_ids, for O(1) checks
 
     def __post_init__(self):
@@ -111,8 +116,26 @@ class SamplingParams:
               f"must be an integer in [0, {MAX_TOP_LOGPROBS}] (got {self.top_logprobs!r})")
         need(self.logprobs or not self.top_logprobs, "top_logprobs", "needs logprobs=true")
         need(is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"must be an integer in [1, {MAX_N}] (got {self.n!r})")
+        self.logit_bias = check_logit_bias(self.logit_bias)
+        need(self.json_schema is None or isinstance(self.json_schema, dict), "json_schema",
+             "must be a JSON schema object (a dict)")
+        need(isinstance(self.skip_special_tokens, bool), "skip_special_tokens", "must be true or false")
         self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
         self.stop_id_set = frozenset(self.stop_token_ids)
+
+
+def check_logit_bias(bias) -> dict:
+    """OpenAI's logit_bias -> {token id: float}: keys are ids or their decimal strings, values in [-100, 100]."""
+    need(isinstance(bias, dict), "logit_bias", f"must be an object mapping token ids to biases (got {bias!r:.60})")
+    need(len(bias) <= MAX_LOGIT_BIAS, "logit_bias", f"at most {MAX_LOGIT_BIAS} entries (got {len(bias)})")
+    out = {}
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+        need(is_int(token) and 0 <= token < INT64, "logit_bias", f"key {key!r:.40} is not a token id")
+        need(is_num(value) and -100 <= value <= 100, "logit_bias",
+             f"the bias of token {token} must be a number in [-100, 100] (got {value!r:.40})")
+        out[token] = float(value)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -124,6 +147,28 @@ def apply_penalties(logits, seen, counts, repetition, presence, frequency):
     rep = repetition[:, None]
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+
+
+def apply_logit_bias(logits, biases):
+    """logits (B, V); biases: per row {token id: bias}. Added to the logits, except that -100 bans a token
+    (-inf) and a row with +100 entries keeps only those tokens (OpenAI: "exclusive selection")."""
+    for b, bias in enumerate(biases):
+        if not bias:
+            continue
+        ids = torch.tensor(list(bias), device=logits.device)
+        values = torch.tensor(list(bias.values()), device=logits.device)
+        row = logits[b].index_add(0, ids, values).index_fill(0, ids[values == -100], float("-inf"))
+        forced = ids[values == 100]
+        if len(forced):
+            row = torch.full_like(row, float("-inf")).index_copy(0, forced, row[forced])
+        logits[b] = row
+    return logits
+
+
+def unpack_bitmask(bitmask, V) -> torch.Tensor:
+    """(B, W) int32 words -> (B, V) bool: bit t % 32 of word t // 32, as grammar.Matcher.bitmask packs them."""
+    bits = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1  # (B, W, 32)
+    return bits.reshape(bitmask.shape[0], -1)[:, :V].bool()
 
 
 def filter_logits(logits, top_k, top_p, min_p):
@@ -207,7 +252,7 @@ def sample(logits, rows, vocab_size):
     """One token per row, and its TokenLogprob for the rows whose params ask (else None).
 
     logits (B, V) float32 at each row's last position; rows: objects with .params (SamplingParams),
-    .seed, .prompt and .tokens (scheduler.Sequence), whose next position is len(prompt) + len(tokens);
+    .seed, .prompt, .tokens and .grammar (scheduler.Sequence; grammar: a grammar.Matcher or None), whose next position is len(prompt) + len(tokens);
     ids at or past vocab_size (a padded vocabulary the tokenizer cannot decode) are never drawn.
     A row left with no distribution (NaN, or nothing after the filters) raises ValueError, so the
     caller can rerun the rows alone and fail only that one. One transfer to the host.
@@ -223,10 +268,18 @@ def sample(logits, rows, vocab_size):
         seen, counts = history(rows, logits.shape[1], logits.device)
         logits = apply_penalties(logits, seen, counts, col("repetition_penalty"), col("presence_penalty"),
                                  col("frequency_penalty"))
-    # 3. greedy rows take the argmax; a NaN row (amax is NaN) or an all -inf one is not a distribution
+    # 3. logit_bias, then the grammar: the tokens that keep each constrained row's output valid
+    if any(p.logit_bias for p in P):
+        logits = apply_logit_bias(logits, [p.logit_bias for p in P])
+    constrained = [b for b in range(B) if rows[b].grammar is not None]
+    if constrained:
+        words = torch.stack([rows[b].grammar.bitmask() for b in constrained])  # (B', ceil(vocab_size / 32))
+        allowed = unpack_bitmask(words, vocab_size).to(logits.device)  # (B', vocab_size)
+        logits[constrained, :vocab_size] = logits[constrained, :vocab_size].masked_fill(~allowed, float("-inf"))
+    # 4. greedy rows take the argmax; a NaN row (amax is NaN) or an all -inf one is not a distribution
     tokens = logits.argmax(dim=-1)  # (B,)
     ok = logits.amax(dim=-1) > float("-inf")
-    # 4. temperature, filters, the counter-based draw
+    # 5. temperature, filters, the counter-based draw
     hot = [b for b in range(B) if P[b].temperature > 0]
     if hot:
         # Subtract the max before dividing: any temperature > 0 then gives a finite
@@ -240,7 +293,7 @@ def sample(logits, rows, vocab_size):
         u = torch.tensor([uniform(rows[b].seed, len(rows[b].prompt) + len(rows[b].tokens)) for b in hot],
                          dtype=torch.float64)
         tokens[hot] = draw(probs, u)
-    # 5. to the host, with the logprobs asked for
+    # 6. to the host, with the logprobs asked for
     tokens = torch.where(ok, tokens, -1)
     ids, lps = (tokens.tolist(), [None] * B) if logprobs is None else chosen_logprobs(P, tokens, logprobs)
     if -1 in ids:

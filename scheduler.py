@@ -38,6 +38,8 @@ class Sequence:
         self.tokens, self.logprobs = [], ([] if p.logprobs else None)
         self.blocks, self.hashes = [], []  # block table; names of its full blocks
         self.cached = 0  # tokens of prompt + tokens whose keys and values are in the cache
+        self.last_token_at = None  # perf_counter() when its last token was drawn (the engine's latency histogram)
+        self.grammar = None  # constrained decoding: a grammar.Matcher the sampler asks what may come next
 
     def context(self, start=0, end=None) -> list:
         """Tokens start..end of prompt + generated tokens."""

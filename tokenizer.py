@@ -443,11 +443,11 @@ class Tokenizer:
         """A model's Jinja template (None: our ChatML) and the {"bos_token": ...} names it may use."""
         self.chat = ChatTemplate(source, special_tokens_map, self.chat.default_system)
 
-    def render_chat(self, messages, add_generation_prompt=False):  # -> the prompt text
-        return self.chat.render(messages, add_generation_prompt)
+    def render_chat(self, messages, add_generation_prompt=False, tools=None):  # -> the prompt text
+        return self.chat.render(messages, add_generation_prompt, tools)
 
-    def encode_chat(self, messages, add_generation_prompt=True):  # -> prompt ids
-        return self.chat.encode(self, messages, add_generation_prompt)
+    def encode_chat(self, messages, add_generation_prompt=True, tools=None):  # -> prompt ids
+        return self.chat.encode(self, messages, add_generation_prompt, tools)
 
     def apply_chat_template(self, messages, add_generation_prompt=False):  # -> (ids, SFT assistant mask)
         return self.chat.encode_with_mask(self, messages, add_generation_prompt)

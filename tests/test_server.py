@@ -26,7 +26,8 @@ import tokenizer
 from engine import InferenceEngine, SamplingParams
 from model import PRESETS, Transformer
 from httpd import MAX_BODY
-from server import APIError, chat_completions, completions, default_model_dir, generate, make_server
+from openai_api import APIError, chat_completions, completions, generate
+from server import default_model_dir, make_server
 
 KEY = "test-key"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
