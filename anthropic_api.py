@@ -144,8 +144,9 @@ def messages(engine, body, model="astrai", gone=lambda: False):
         return stream
     result = wait(request, gone)
     message, reason = form.message(result.text, result.finish_reason)
-    return head | {"content": message_blocks(message), "stop_reason": STOP_REASONS[reason],
-                   "stop_sequence": stop_sequence(engine.tokenizer, result.choices[0], params.stop),
+    stop = stop_sequence(engine.tokenizer, result.choices[0], params.stop)
+    return head | {"content": message_blocks(message), "stop_reason": "stop_sequence" if stop else STOP_REASONS[reason],
+                   "stop_sequence": stop,
                    "usage": {"input_tokens": result.usage["prompt_tokens"],
                              "output_tokens": result.usage["completion_tokens"]}}
 
@@ -181,8 +182,9 @@ def events(request, form, head, stops, gone):
         if kind:
             yield "content_block_stop", {"type": "content_block_stop", "index": block}
         result = request.result()
+        stop = stop_sequence(form.tok, result.choices[0], stops)
         yield "message_delta", {"type": "message_delta", "delta": {
-            "stop_reason": STOP_REASONS[reason], "stop_sequence": stop_sequence(form.tok, result.choices[0], stops)},
+            "stop_reason": "stop_sequence" if stop else STOP_REASONS[reason], "stop_sequence": stop},
             "usage": {"output_tokens": result.usage["completion_tokens"]}}
         yield "message_stop", {"type": "message_stop"}
     finally:

@@ -8,6 +8,7 @@ Each subcommand measures one part of the stack and prints a small table:
     python bench.py engine               # generation tokens/s at batch 1/8/32, vs transformers generate
     python bench.py quant --model DIR    # int8 / int4 perplexity and greedy agreement vs fp32
     python bench.py server               # HTTP overhead per request, vs the engine directly
+    python bench.py grammar              # constrained decoding's cost per token, batch 1 and 8
 
 To add a benchmark, write `bench_NAME(args)` and an `add_NAME_args(parser)`,
 and list them in BENCHMARKS at the bottom. Inputs are generated here with
@@ -657,6 +658,73 @@ def bench_data(args):
 
 
 # -----------------------------------------------------------------------------
+# grammar: the cost of constrained decoding per token (grammar.py's mask in the sampler)
+
+
+def add_grammar_args(p):
+    p.add_argument("--vocab-size", type=int, default=49152, help="a BPE this large, trained by `tokenizers`")
+    p.add_argument("--tokens", type=int, default=200, help="sampling steps per batch size")
+
+
+def _bpe(vocab_size, directory):
+    """Our tokenizer, loaded from a byte-level BPE that `tokenizers` trains on generated text and JSON."""
+    import json
+
+    import tokenizer
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(tokenizer.QWEN2_PATTERN), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    records = [json.dumps({"id": i, "name": f"n{i}", "tags": ["a", str(i)], "ok": i % 2 == 0}) for i in range(20000)]
+    hf.train_from_iterator(synthetic_bilingual_text(4_000_000) + records, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(tokenizer.DEFAULT_SPECIAL_TOKENS), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(os.path.join(directory, "tokenizer.json"))
+    return tokenizer.load(directory)
+
+
+def bench_grammar(args):
+    """The sampler's time per step (sampling.sample over B rows of logits) with and without a JSON schema's
+    mask (llguidance computes it, the sampler applies it), at batch 1 and 8, over a realistic vocabulary;
+    each row's matcher walks the tokens of a valid document, as a decode would."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    import grammar
+    from sampling import SamplingParams, sample
+    with tempfile.TemporaryDirectory() as d:
+        tok = _bpe(args.vocab_size, d)
+    V, rows_out = tok.vocab_size, []
+    schema = {"type": "array", "items": {"type": "object", "properties": {"id": {"type": "integer"}, "name": {
+        "type": "string"}, "tags": {"type": "array", "items": {"type": "string"}}}, "required": ["id", "name", "tags"]}}
+    doc = tok.encode(json.dumps([{"id": i, "name": f"item {i}", "tags": ["a", f"t{i}"]} for i in range(args.tokens)]))
+    compiled = grammar.Vocabulary(tok, tok.stop_ids).compile(schema)
+    params = SamplingParams(temperature=1.0)
+    for B in (1, 8):
+        times = {}
+        for name in ("plain", "JSON schema"):
+            rows = [SimpleNamespace(params=params, seed=b, prompt=[0], tokens=[],
+                                    grammar=compiled.matcher() if name != "plain" else None) for b in range(B)]
+            logits, steps = torch.randn(B, V), min(args.tokens, len(doc) - 1)
+            t = time.perf_counter()
+            for k in range(steps):
+                sample(logits.clone(), rows, V)
+                for r in rows:  # advance as the engine does, along the document (a valid path)
+                    r.tokens.append(doc[k])
+                    if r.grammar is not None:
+                        r.grammar.consume(doc[k])
+            times[name] = (time.perf_counter() - t) / steps * 1e3
+        added = times["JSON schema"] - times["plain"]
+        rows_out.append([B, f"{times['plain']:.3f}", f"{times['JSON schema']:.3f}", f"{added:.3f}", f"{added / B:.3f}"])
+    print_table(f"constrained decoding: sampler ms per step over a {V:,}-token vocabulary, temperature 1 "
+                f"({args.tokens} steps along a valid document)",
+                ["batch", "plain", "JSON schema", "added ms per step", "added ms per row"], rows_out)
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 # name -> (help, add_arguments, run)
@@ -670,6 +738,8 @@ BENCHMARKS = {
     "quant": ("perplexity and greedy agreement of int8 / int4 weights against fp32 on held-out text",
               add_quant_args, bench_quant),
     "server": ("per-request latency: engine direct vs HTTP vs openai client", add_server_args, bench_server),
+    "grammar": ("generation tokens/s with and without a JSON schema (constrained decoding)", add_grammar_args,
+                bench_grammar),
 }
 
 

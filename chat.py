@@ -47,12 +47,37 @@ def check_messages(messages):
                              "join multi-part content into one string first")
 
 
+TOOLS_HEAD = "# Tools\n\nYou may call one or more of these functions:\n<tools>\n"
+TOOLS_TAIL = ("\n</tools>\n\nFor each call, reply with a JSON object of the function's name and arguments inside "
+              'tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+
+
 def chatml_jinja(default_system=None):
-    """Our ChatML as Jinja: the text ChatTemplate.render writes, for tokenizer_config.json."""
+    """Our ChatML as Jinja: the text ChatTemplate.render writes (tools and tool calls included), for
+    tokenizer_config.json, so transformers renders our models' prompts as we do."""
+    lit = lambda text: json.dumps(text, ensure_ascii=False)  # noqa: E731  a Jinja string literal reads JSON's escapes
+    first = "messages[0]['role'] == 'system'"
+    return ("{%- set system = messages[0]['content'] if " + first + " else " +
+            (lit(default_system) if default_system is not None else "none") + " %}"
+            "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if system %}{{- system + '\\n\\n' }}{%- endif %}"
+            "{{- " + lit(TOOLS_HEAD) + " }}{%- for t in tools %}{{- t | tojson }}{%- if not loop.last %}"
+            "{{- '\\n' }}{%- endif %}{%- endfor %}{{- " + lit(TOOLS_TAIL) + " + '<|im_end|>\\n' }}"
+            "{%- elif system is not none %}{{- '<|im_start|>system\\n' + system + '<|im_end|>\\n' }}{%- endif %}"
+            "{%- for message in messages %}{%- if not (loop.first and " + first + ") %}"
+            "{{- '<|im_start|>' + message['role'] + '\\n' }}{%- if message['content'] %}{{- message['content'] }}"
+            "{%- endif %}{%- for c in message['tool_calls'] or [] %}"
+            "{%- set f = c['function'] if c['function'] is defined else c %}"
+            "{%- if message['content'] or not loop.first %}{{- '\\n' }}{%- endif %}"
+            "{{- '<tool_call>\\n' + ({'name': f['name'], 'arguments': f['arguments']} | tojson) + '\\n</tool_call>' }}"
+            "{%- endfor %}{{- '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def chatml_jinja_v1(default_system=None):
+    """The Jinja our tokenizers saved before tools (no tools, no tool calls): still recognised as our ChatML."""
     turn = "'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'"
     template = ""
     if default_system is not None:
-        # json.dumps escapes quotes, backslashes and control characters as a Jinja string literal unescapes them
         system = json.dumps(default_system, ensure_ascii=False)
         template += ("{%- if messages[0]['role'] != 'system' %}"
                      "{{- '<|im_start|>system\\n' + " + system + " + '<|im_end|>\\n' }}{%- endif %}")
@@ -128,9 +153,7 @@ def chatml_tools(system, tools):
     """Our ChatML's system message with tools: the given one (or none), then each function schema as a JSON
     line and how to call one, in the Hermes / Qwen convention that ToolFormat "hermes" parses."""
     listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    return ((system + "\n\n" if system else "") + "# Tools\n\nYou may call one or more of these functions:\n"
-            f"<tools>\n{listed}\n</tools>\n\nFor each call, reply with a JSON object of the function's name and "
-            'arguments inside tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+    return (system + "\n\n" if system else "") + TOOLS_HEAD + listed + TOOLS_TAIL
 
 
 def chatml_content(m):
@@ -161,7 +184,7 @@ class ChatTemplate:
 
     def __post_init__(self):
         self.special_tokens_map = dict(self.special_tokens_map or {})
-        if self.source == chatml_jinja(self.default_system):
+        if self.source in (chatml_jinja(self.default_system), chatml_jinja_v1(self.default_system)):
             self.source = None  # our own ChatML, saved as Jinja: back to the Python path
         self._compiled = compile_chat_template(self.source) if self.source else None  # errors show at load
 

@@ -23,6 +23,9 @@ import torch
 
 from sampling import RequestError
 
+# JSON written as json.dumps and a template's tojson write it ({"a": 1, "b": [2, 3]}): what a model has seen
+# in its tool-call history; no other whitespace, so a small model cannot loop on newlines inside an object.
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_SCHEMA_CHARS = 64_000  # a schema's JSON; bigger ones are a 400, not minutes of grammar compilation
 
 
@@ -30,9 +33,9 @@ def _llguidance():
     try:
         import llguidance
     except ImportError:
-        raise RequestError("structured output (response_format, or a tool_choice that forces a call) needs a "
-                           "constrained-decoding library on the server: pip install llguidance",
-                           "response_format") from None
+        raise RequestError("json_schema: structured output (response_format, or a tool_choice that forces a call) "
+                           "needs a constrained-decoding library on the server: pip install llguidance",
+                           "json_schema") from None
     return llguidance
 
 
@@ -56,13 +59,13 @@ class Vocabulary:
         self.llg, self.size = llg, V
         self.tokenizer = llg.LLTokenizer(llg.TokenizerWrapper(Wrapped()), eos_token=sorted(stop_ids))
 
-    def compile(self, schema, param="response_format"):
+    def compile(self, schema, param="json_schema"):
         """A JSON schema (a dict) -> a Grammar; RequestError(param) if llguidance cannot use it."""
         text = json.dumps(schema)
         if len(text) > MAX_SCHEMA_CHARS:
             raise RequestError(f"{param}: the schema has {len(text):,} characters; at most {MAX_SCHEMA_CHARS:,}",
                                param)
-        grammar = self.llg.LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False})
+        grammar = self.llg.LLMatcher.grammar_from_json_schema(text, defaults=JSON_STYLE)
         error = self.llg.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:
             raise RequestError(f"{param}: the JSON schema cannot be used: {error}", param)

@@ -512,7 +512,7 @@ def test_a_stream_nobody_reads_pauses_at_the_unread_limit(make_engine, model, to
     """Backpressure: a streaming caller that stops reading holds its sequence (and its blocks) once
     UNREAD_LIMIT Deltas wait for it, instead of filling memory; reading again resumes it, and the text
     is the one it would have been. A result()-only caller is never paused."""
-    import engine as engine_lib
+    import outputs
     engine = make_engine(max_seq_len=256)
     prompt = tok.encode("the cat")
     want = generate_reference(model, prompt, 200)
@@ -525,7 +525,7 @@ def test_a_stream_nobody_reads_pauses_at_the_unread_limit(make_engine, model, to
     made = engine.stats()["tokens_generated"] - before
     time.sleep(0.3)
     s = engine.stats()
-    assert s["tokens_generated"] - before == made and engine_lib.UNREAD_LIMIT <= made < 200  # paused midway
+    assert s["tokens_generated"] - before == made and outputs.UNREAD_LIMIT <= made < 200  # paused midway
     assert s["running"] == 1 and s["blocks_used"] > 0
     ids += [t for d in deltas if d is not None for t in d.token_ids]
     assert ids == want
