@@ -265,3 +265,31 @@ def test_our_chatml_renders_tools_as_transformers_renders_its_saved_template(def
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in rendered
     assert chat.TOOL_FORMATS["hermes"].split(rendered.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]) \
         == (None, [("get_weather", {"city": "Paris"})])
+
+
+@pytest.mark.parametrize("family", ["hermes", "mistral"])
+def test_the_server_renders_a_wire_history_of_calls_as_transformers(family, scripted, family_dirs):
+    """OpenAI clients send arguments as a JSON string; the template reads them as an object (as vLLM passes them)."""
+    from transformers import AutoTokenizer
+
+    from test_server import raw
+    wire = [m | {"tool_calls": [CALL | {"function": CALL["function"] | {"arguments": json.dumps({"city": "Paris"})}}]}
+            if m.get("tool_calls") else m for m in HISTORY[1:]]
+    status, body = raw(scripted[family][0].server_port, "POST", "/tokenize",
+                       json.dumps({"messages": wire, "tools": TOOLS}), auth=False)
+    hf = AutoTokenizer.from_pretrained(str(family_dirs[family]))
+    assert status == 200 and body["tokens"] == list(hf.apply_chat_template(
+        HISTORY[1:], tools=TOOLS, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+def test_anthropic_tool_use_blocks_from_a_parsed_reply(scripted):
+    import anthropic
+
+    reply, content, calls = REPLIES["hermes"]
+    server, _, head, tok = scripted["hermes"]
+    head.script, head.k = tok.encode(reply, allow_special=True) + [tok.eos_id], 0
+    claude = anthropic.Anthropic(base_url=f"http://127.0.0.1:{server.server_port}", api_key="x", max_retries=0)
+    tools = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in TOOLS]
+    m = claude.messages.create(model="m", max_tokens=200, messages=[{"role": "user", "content": "Paris?"}], tools=tools)
+    assert m.stop_reason == "tool_use" and m.content[0].text == content
+    assert [(b.name, b.input) for b in m.content[1:]] == calls
