@@ -4,7 +4,8 @@ the reply written back as content blocks, or as Anthropic's stream events, which
 `anthropic` client parses.
 
     system (a string or text blocks), messages (text, tool_use and tool_result blocks), max_tokens
-    (required), stop_sequences, temperature, top_p, top_k, stream, tools, tool_choice, metadata (ignored)
+    (required), stop_sequences, temperature, top_p, top_k, stream, tools, tool_choice, metadata (ignored);
+    and seed, which Anthropic's API lacks
 
 Reply: content [{"type": "text"}, {"type": "tool_use", "id", "name", "input"}], stop_reason "end_turn" |
 "max_tokens" | "stop_sequence" | "tool_use". Errors: {"type": "error", "error": {"type", "message"}}.
@@ -103,7 +104,7 @@ def read_params(engine, body, constrained):
     if t is not None and not (isinstance(t, (int, float)) and 0 <= t <= 1):
         raise APIError(400, f"temperature must be a number in [0, 1] (got {t!r:.20})", "temperature")
     given = {"stop": body.get("stop_sequences"), "temperature": t, "top_p": body.get("top_p"),
-             "top_k": body.get("top_k")}
+             "top_k": body.get("top_k"), "seed": body.get("seed")}  # seed: ours, as on the OpenAI side
     return sampling_params(engine, {k: v for k, v in given.items() if v is not None},
                            max_tokens=max_tokens, **constrained)
 

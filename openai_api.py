@@ -105,7 +105,7 @@ def read_tools(body):
     """(tools as the template sees them, tool_choice: "none" | "auto" | "required" | a function name)."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is None:
-        if choice not in (None, "none"):
+        if choice not in (None, "none", "auto"):
             raise APIError(400, "tool_choice needs tools", "tool_choice")
         return None, "none"
     if not isinstance(tools, list) or not tools or len(tools) > MAX_TOOLS:
@@ -432,7 +432,7 @@ def embeddings(engine, body, model="astrai"):
     """POST /v1/embeddings: input is a string, a list of strings, a list of token ids, or a list of those;
     each vector is engine.embed's (mean-pooled final hidden states, L2-normalised). encoding_format "base64"
     (the openai client's default) sends little-endian float32 bytes, as OpenAI does."""
-    from engine import RequestError
+    from engine import EngineError, RequestError
     x, fmt = body.get("input"), body.get("encoding_format") or "float"
     tokens = lambda v: isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) for i in v)  # noqa: E731
     inputs = [x] if isinstance(x, str) or tokens(x) else x
@@ -447,6 +447,8 @@ def embeddings(engine, body, model="astrai"):
         vectors = engine.embed(inputs)
     except RequestError as e:
         raise APIError(400, str(e), "input") from None
+    except EngineError as e:
+        raise APIError(503, str(e), type="server_error") from None
     encode = (lambda v: base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()) if fmt == "base64" \
         else (lambda v: v.tolist())
     n = sum(len(v) if isinstance(v, list) else len(engine.tokenizer.encode(v)) for v in inputs)

@@ -231,15 +231,17 @@ def test_anthropic_tool_use_and_errors(claude, served):
     history = [{"role": "user", "content": "hello"},
                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "ping", "input": {"n": 1}}]},
                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "pong"}]}]
-    m = claude.messages.create(model="m", max_tokens=300, messages=history, tools=tools,
+    m = claude.messages.create(model="m", max_tokens=300, messages=history, tools=tools, extra_body={"seed": 0},
                                tool_choice={"type": "tool", "name": "set_person"})
     (use,) = m.content
     assert m.stop_reason == "tool_use" and use.type == "tool_use" and use.name == "set_person"
     jsonschema.validate(use.input, PERSON)
-    with claude.messages.stream(model="m", max_tokens=300, messages=history, tools=tools,
-                                tool_choice={"type": "any"}) as stream:
-        final = stream.get_final_message()
-    assert final.stop_reason == "tool_use" and {b.name for b in final.content} <= {"set_person", "ping"}
+    with claude.messages.stream(model="m", max_tokens=300, messages=history, tools=tools, extra_body={"seed": 1},
+                                tool_choice={"type": "any", "disable_parallel_tool_use": True}) as stream:
+        final = stream.get_final_message()  # one call (bounded by its schema), so it cannot run out of tokens
+    (use,) = final.content
+    assert final.stop_reason == "tool_use" and use.name in ("set_person", "ping")
+    jsonschema.validate(use.input, TOOLS[use.name == "ping"]["function"]["parameters"])
     with pytest.raises(anthropic.BadRequestError) as e:
         claude.messages.create(model="m", max_tokens=0, messages=history)
     assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "invalid_request_error"
@@ -259,3 +261,25 @@ def test_without_the_constrained_decoding_library_a_clear_400(served, monkeypatc
         assert e.value.status == 400 and e.value.param == "response_format" and "pip install llguidance" in e.value.message
         body = {"messages": USER, "max_tokens": 3, "temperature": 0}
         assert chat_completions(engine, body)["choices"][0]["finish_reason"] == "length"  # the rest still serves
+
+
+def test_bitmask_unpacking_and_logit_bias_equal_their_plain_definitions():
+    from sampling import apply_logit_bias, unpack_bitmask
+    g = torch.Generator().manual_seed(0)
+    words = torch.randint(-2**31, 2**31 - 1, (3, 4), dtype=torch.int32, generator=g)
+    V = 100  # not a multiple of 32: the last word's high bits are past the vocabulary
+    plain = [[bool((int(words[b, t // 32]) >> (t % 32)) & 1) for t in range(V)] for b in range(3)]
+    assert unpack_bitmask(words, V).tolist() == plain
+    logits = torch.randn(3, V, generator=g)
+    biases = [{}, {3: 2.5, 7: -1.0, 9: -100}, {4: 100, 5: 100, 6: 30.0}]
+    out = apply_logit_bias(logits.clone(), biases)
+    for b, bias in enumerate(biases):
+        expected = logits[b].clone()
+        for t, v in bias.items():
+            expected[t] += v
+        if -100 in bias.values():
+            expected[[t for t, v in bias.items() if v == -100]] = float("-inf")
+        if 100 in bias.values():
+            keep = [t for t, v in bias.items() if v == 100]
+            expected = torch.full_like(expected, float("-inf")).index_copy(0, torch.tensor(keep), expected[keep])
+        assert torch.equal(out[b], expected)
