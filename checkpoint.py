@@ -351,6 +351,11 @@ def latest(run_dir) -> "str | None":
 _announced = set()
 
 
+def is_model_dir(path) -> bool:
+    """A directory save_pretrained wrote: config.json, or a LoRA adapter's adapter_config.json (lora.py)."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json"))
+
+
 def resolve(path) -> str:
     """A model directory -> itself; a run directory -> the checkpoint its `latest` names,
     said once on stderr. Every other path is one clear error."""
@@ -358,7 +363,7 @@ def resolve(path) -> str:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such directory; pass a model directory (config.json inside) "
                                 "or a run directory (runs/NAME, with a `latest` file)")
-    if os.path.isfile(os.path.join(path, "config.json")) or not os.path.isfile(os.path.join(path, "latest")):
+    if is_model_dir(path) or not os.path.isfile(os.path.join(path, "latest")):
         return verify(path)
     target = latest(path)
     if not os.path.isdir(target):

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 
 import torch
 
+import lora
 import quant
 from attention import KVBatch
 from metrics import TOKEN_BUCKETS, TTFT_BUCKETS, Histogram
@@ -151,8 +152,8 @@ class InferenceEngine:
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, quantize=None, **kwargs):
-        """Model (with its generation_config.json) and tokenizer from one model directory, made ready for
-        decoding: q/k/v and gate/up fused (Transformer.fuse_projections), weights quantized if asked
+        """Model (with its generation_config.json) and tokenizer from one model directory (or a LoRA adapter
+        directory: its adapter merged into the base's weights), made ready for decoding: q/k/v and gate/up fused (Transformer.fuse_projections), weights quantized if asked
         ("int8" | "int4", quant.py). dtype: a torch dtype; "auto" (the CLIs' default; quant.pick_dtype:
         bf16 where the hardware computes it natively and faster); None: float32 on CPU (reproducible
         figures), the checkpoint's own elsewhere.
@@ -167,10 +168,10 @@ class InferenceEngine:
                 dtype, reason = quant.pick_dtype(device, (1, kwargs.get("max_batch_size", 8)), quantize)
             elif dtype is None and device.type == "cpu":
                 dtype = torch.float32
-            model = Transformer.from_pretrained(path, device=device, dtype=dtype).fuse_projections()
+            model = lora.merge(Transformer.from_pretrained(path, device=device, dtype=dtype)).fuse_projections()
             if quantize:
                 quant.quantize(model, quantize)
-            engine = cls(model, tokenizer_module.load(path), **kwargs)
+            engine = cls(model, tokenizer_module.load(lora.tokenizer_dir(path)), **kwargs)
         engine.dtype_reason = reason
         return engine
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import lora
 from attention import GQA, MLA, KVBatch, PagedKVCache, RMSNorm, RotaryEmbedding, rope_frequencies
 
 
@@ -372,6 +373,8 @@ class Transformer(nn.Module):
         if getattr(self, "quantized", None):
             raise ValueError(f"this model's weights are {self.quantized}: save the float model, and quantize "
                              "when loading it (InferenceEngine.from_pretrained(path, quantize=...))")
+        if lora.adapters(self):  # a LoRA model saves its adapter, in PEFT's format, beside its base
+            return lora.save(path, state_dict or self.state_dict(), self.lora_config)
         os.makedirs(path, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in (state_dict or self.hf_state_dict()).items()}
         if self.config.tie_word_embeddings:
@@ -409,10 +412,17 @@ class Transformer(nn.Module):
         checkpoint: checkpoint.resolve first).
 
         dtype None keeps the checkpoint's dtype (as transformers 5 does).
-        Errors name the offending key: missing, unexpected or wrong-shaped weights.
+        Errors name the offending key: missing, unexpected or wrong-shaped weights. A LoRA adapter
+        directory (PEFT's adapter_config.json) loads the base it names with the adapter on top.
         """
         from safetensors import SafetensorError, safe_open
 
+        if lora.is_adapter_dir(path):
+            config = lora.read_config(path)
+            model = cls.from_pretrained(config["base_model_name_or_path"], device=device, dtype=dtype)
+            lora.load(model, path, config)
+            model.lora_config = config
+            return model
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{config_path} not found: pass a model directory (config.json and "

@@ -184,7 +184,7 @@ def default_model_dir(root="runs"):
             target = checkpoint.latest(run)
         except ValueError:
             continue  # a malformed `latest`: not a run we can serve
-        if target and os.path.isfile(os.path.join(target, "config.json")):
+        if target and checkpoint.is_model_dir(target):
             found.append((os.path.getmtime(os.path.join(run, "latest")), target))
     if not found:
         raise cli.UsageError(f"no trained model found: nothing matches {os.path.abspath(root)}/*/latest. Train "
@@ -250,7 +250,7 @@ def check_args(args, given):
         model_dir = checkpoint.resolve(given)
     except (OSError, ValueError) as e:  # no such directory, a malformed or dangling `latest`
         raise cli.UsageError(f"--model {e}") from None
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+    if not checkpoint.is_model_dir(model_dir):
         raise cli.UsageError(f"--model {given}: {model_dir} holds no config.json; pass a model directory "
                              "(config.json and safetensors weights) or a run directory (runs/NAME)")
     return model_dir

@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 import checkpoint
 import data
+import lora
 import rollout
 import strategies
 import tokenizer as tokenizer_lib
@@ -125,6 +126,12 @@ def add_strategy_and_distributed_args(p):
                    "off by default, as in the GRPO paper: a cut-off answer still earns its reward, usually 0, "
                    "which teaches the policy to finish")
     g.add_argument("--reward-model", help="grpo: reward model directory (default: exact-match answer reward)")
+    g = p.add_argument_group("LoRA: train a low-rank adapter of a frozen --model (lora.py)")
+    g.add_argument("--lora-rank", type=int, default=0, help="adapter rank r (0: train every weight)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="scaling alpha (update x alpha / r; default 2r)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    g.add_argument("--lora-targets", default=",".join(lora.TARGETS),
+                   help="comma-separated projection names to adapt (default: attention and MLP)")
     g = p.add_argument_group("distributed")
     g.add_argument("--nprocs", type=int, default=1, help="spawn this many local processes (not with torchrun)")
     g.add_argument("--backend", choices=["auto", "nccl", "gloo", "xccl", "ccl"], default="auto",
@@ -158,7 +165,7 @@ def check_args(args):
             except (OSError, ValueError) as e:
                 raise UsageError(f"--{name.replace('_', '-')}: {e}") from None
     for name in ("model", "ref", "reward_model"):
-        if getattr(args, name) and not os.path.isfile(os.path.join(getattr(args, name), "config.json")):
+        if getattr(args, name) and not checkpoint.is_model_dir(getattr(args, name)):
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is not a model directory (no "
                              "config.json); pass a directory save_pretrained wrote, or a run directory")
     if args.reward_model and not strategies.RewardModel.saved_form(args.reward_model):
@@ -168,6 +175,8 @@ def check_args(args):
         raise UsageError("--fsdp shards over several processes: launch with torchrun or --nprocs N (N >= 2)")
     if args.type == "grpo":
         check_grpo_args(args)
+    if args.lora_rank:
+        check_lora_args(args)
     if args.backend == "ccl":
         try:
             import oneccl_bindings_for_pytorch  # noqa: F401  (registers the "ccl" backend)
@@ -210,6 +219,17 @@ def check_out(args):
     if not args.resume and not args.eval_only and last:
         raise UsageError(f"{args.out} already holds a run (latest: {last}); pass --resume to continue it, or "
                          "choose another --out")
+
+
+def check_lora_args(args):
+    if args.lora_rank < 0 or not 0 <= args.lora_dropout < 1 or (args.lora_alpha is not None and args.lora_alpha <= 0):
+        raise UsageError(f"--lora-rank must be >= 1, --lora-alpha > 0 and --lora-dropout in [0, 1) (got "
+                         f"{args.lora_rank}, {args.lora_alpha}, {args.lora_dropout})")
+    if args.preset and not args.resume:
+        raise UsageError("--lora-rank adapts a trained model: pass --model DIR (a fresh --preset has nothing to adapt)")
+    if args.fsdp:
+        raise UsageError("--lora-rank with --fsdp is not supported: the frozen base needs no optimizer state, so "
+                         "a LoRA run fits where a full one does not; use one process or DDP (--nprocs N)")
 
 
 def check_grpo_args(args):
@@ -363,9 +383,28 @@ def build_model(args, tok, device, source=None):
                                   bos_token_id=tok.eos_id, eos_token_id=tok.im_end_id)
         model = Transformer(cfg)
     check_fits(args, tok, model.config)
+    with_lora(args, model.backbone if form else model, source)
     if args.type == "rm" and not form:
         model = strategies.RewardModel(model, args.rm_reward or "head")
     return model.to(device)
+
+
+def with_lora(args, model, source):
+    """--lora-rank: adapters on the target projections, the rest frozen; a model loaded with an adapter (a LoRA
+    checkpoint) goes on training it. Without --lora-rank, a loaded adapter is merged and every weight trains."""
+    if lora.adapters(model):
+        if not args.lora_rank:
+            lora.merge(model).requires_grad_(True)
+        elif model.lora_config["r"] != args.lora_rank:
+            raise UsageError(f"{source} holds a rank-{model.lora_config['r']} adapter; pass --lora-rank "
+                             f"{model.lora_config['r']} to go on training it, or --lora-rank 0 to merge it")
+        return
+    if args.lora_rank:
+        try:
+            lora.add(model, args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank, args.lora_dropout,
+                     tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()), base_path=source)
+        except ValueError as e:
+            raise UsageError(f"--lora-targets: {e}") from None
 
 
 def check_fits(args, tok, cfg):
@@ -392,6 +431,8 @@ def build_reference(args, model, tok, device, resuming: bool):
     """
     if args.ref:
         return Transformer.from_pretrained(args.ref, dtype=torch.float32).to(device)
+    if lora.adapters(model):
+        return lora.Base(model)  # the start is the base: the adapter switched off, no second copy
     if not resuming:
         return copy.deepcopy(model)
     if args.preset:
@@ -511,9 +552,10 @@ def build_run(args, rank, world, device, resume_from=None) -> Run:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    if resume_from:  # where the run started, so the reference model is the same one
+    if resume_from:  # where the run started, so the reference model is the same one; LoRA as it was
         started = checkpoint.load(resume_from, restore_rng=False)["config"]
         args.model, args.preset, args.ref = started["model"], started["preset"], started["ref"]
+        args.lora_rank = started.get("lora_rank", 0)
     where = resume_from or args.tokenizer or args.model
     try:
         tok = tokenizer_lib.load(where)
@@ -588,7 +630,10 @@ def log_start(run, total: int, per_step: int):
         windows = isinstance(run.dataset, data.WindowDataset)
         batch = f"{per_step * world} samples" + (f" ({per_step * world * args.seq_len:,} tokens)" if windows else "")
     mode = f"{'fsdp' if args.fsdp else 'ddp'}, {dist.get_backend()}" if world > 1 else "single process"
-    log0(run.rank, f"{args.type}: {run.model.num_params() / 1e6:.2f}M parameters | {total} steps | {batch} per step | "
+    trainable, every = lora.counts(run.model)
+    params = f"{every / 1e6:.2f}M parameters" + (f" ({trainable / 1e6:.3f}M trainable, {trainable / every:.2%}: LoRA r="
+                                                 f"{args.lora_rank})" if trainable < every else "")
+    log0(run.rank, f"{args.type}: {params} | {total} steps | {batch} per step | "
          f"grad accum {args.grad_accum} | world {world} ({mode}) | device {run.device}")
 
 
