@@ -9,6 +9,7 @@ Each subcommand measures one part of the stack and prints a small table:
     python bench.py quant --model DIR    # int8 / int4 perplexity and greedy agreement vs fp32
     python bench.py server               # HTTP overhead per request, vs the engine directly
     python bench.py grammar              # constrained decoding's cost per token, batch 1 and 8
+    python bench.py lora                 # full fine-tuning vs LoRA: peak memory, tokens/s (135M shape)
 
 To add a benchmark, write `bench_NAME(args)` and an `add_NAME_args(parser)`,
 and list them in BENCHMARKS at the bottom. Inputs are generated here with
@@ -725,6 +726,96 @@ def bench_grammar(args):
 
 
 # -----------------------------------------------------------------------------
+# lora: full fine-tuning against LoRA, peak memory and tokens/s
+
+
+def add_lora_args(p):
+    p.add_argument("--shape", choices=["tiny", "135m"], default="135m")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha 2r), the default targets")
+    p.add_argument("--steps", type=int, default=4, help="timed training steps (after one warm-up step)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--child", choices=["full", "lora"], help=argparse.SUPPRESS)  # one mode, in its own process
+
+
+def _lora_child(args):
+    """One mode's training steps (next-token loss on random ids, AdamW): tokens/s and this process's peak RSS."""
+    import dataclasses
+    import json
+    import resource
+
+    import torch
+    import lora
+    from model import PRESETS, Transformer
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"] if args.shape == "tiny" else dataclasses.replace(PRESETS["tiny"], **SHAPE_135M)
+    model = Transformer(cfg)
+    if args.child == "lora":
+        lora.add(model, args.rank, 2.0 * args.rank)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1))
+
+    def step():
+        logits = model(ids[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()
+    seconds = _seconds(lambda: [step() for _ in range(args.steps)])
+    trainable, total = lora.counts(model)
+    print(json.dumps({"tok_s": args.steps * args.batch_size * args.seq_len / seconds, "trainable": trainable,
+                      "total": total, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def bench_lora(args):
+    """Full fine-tuning vs LoRA on the same model, each in a fresh process (peak RSS is per process)."""
+    import json
+    import subprocess
+    import sys
+    if args.child:
+        return _lora_child(args)
+    rows, got = [], {}
+    for mode in ("full", "lora"):
+        flags = ["--shape", args.shape, "--rank", str(args.rank), "--steps", str(args.steps), "--batch-size",
+                 str(args.batch_size), "--seq-len", str(args.seq_len), "--child", mode]
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "lora", *flags], capture_output=True,
+                             text=True, check=True).stdout
+        got[mode] = r = json.loads(out.strip().splitlines()[-1])
+        rows.append([mode if mode == "full" else f"LoRA r={args.rank}", f"{r['trainable'] / 1e6:,.2f}M",
+                     f"{r['peak_mb']:,.0f}", f"{r['tok_s']:,.0f}"])
+    print_table(f"fine-tuning the {args.shape} shape ({got['full']['total'] / 1e6:.0f}M parameters), fp32, AdamW, "
+                f"batch {args.batch_size} x {args.seq_len}: peak RSS of the process, training tokens/s",
+                ["mode", "trainable", "peak MB", "tok/s"], rows)
+    _lora_rollouts(args)
+
+
+def _lora_rollouts(args, prompts=8, n=4, new=24, P=32):
+    """GRPO's sampling from a LoRA policy: the adapters applied in each forward, against a merged copy of the
+    weights that would be refreshed (W + scaling B A per layer) after every update."""
+    import copy
+
+    import torch
+    import lora
+    from engine import InferenceEngine, SamplingParams
+    model, tok = _engine_model(args.shape, "cpu")
+    lora.add(model, args.rank, 2.0 * args.rank)
+    with torch.no_grad():
+        for m in lora.adapters(model).values():
+            m.lora_B.weight.normal_(0, 0.01)
+    batch = [[random.Random(i).randrange(300, tok.vocab_size) for _ in range(P)] for i in range(prompts)]
+    params = SamplingParams(max_tokens=new, temperature=1.0, n=n, seed=0, ignore_eos=True)
+    refresh = _seconds(lambda: lora.merge(copy.deepcopy(model)))  # deepcopy included: an upper bound
+    rows = []
+    for name, policy in (("adapters in the forward", model), ("merged weights", lora.merge(copy.deepcopy(model)))):
+        with InferenceEngine(policy, tok, max_batch_size=prompts * n, max_seq_len=P + new) as engine:
+            engine.generate(batch[:1], params)
+            rows.append([name, f"{min(_seconds(lambda: engine.generate(batch, params)) for _ in range(2)):.2f}"])
+    rows[1].append(f"+ {refresh:.2f} s to refresh per update")
+    print_table(f"GRPO-style sampling from a LoRA r={args.rank} policy ({args.shape}): {prompts} prompts x {n} "
+                f"completions of {new} tokens", ["policy", "seconds", ""], [r + [""] * (3 - len(r)) for r in rows])
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 # name -> (help, add_arguments, run)
@@ -738,8 +829,9 @@ BENCHMARKS = {
     "quant": ("perplexity and greedy agreement of int8 / int4 weights against fp32 on held-out text",
               add_quant_args, bench_quant),
     "server": ("per-request latency: engine direct vs HTTP vs openai client", add_server_args, bench_server),
-    "grammar": ("generation tokens/s with and without a JSON schema (constrained decoding)", add_grammar_args,
-                bench_grammar),
+    "grammar": ("the sampler's time per step with and without a JSON schema (constrained decoding)",
+                add_grammar_args, bench_grammar),
+    "lora": ("full fine-tuning vs LoRA: peak memory and training tokens/s", add_lora_args, bench_lora),
 }
 
 

@@ -1,4 +1,5 @@
-"""Data parallelism for train.py: the process group, DDP or FSDP2 around the model, gradient sync.
+"""Data parallelism for train.py: the process group, DDP or FSDP2 around the model, gradient sync, and
+the local launch of --nprocs N ranks without torchrun (spawn).
 
     rank, world = init_distributed(args, pick_device(args, local_rank))   # WORLD_SIZE etc. from torchrun
     net = parallelize(run)            # DDP: a full replica per rank; --fsdp: parameters, gradients and
@@ -16,6 +17,8 @@ Left out: tensor and pipeline parallelism, hybrid sharding, a device mesh beyond
 import contextlib
 import datetime
 import os
+import socket
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -125,3 +128,36 @@ def peak_flops(device) -> float:
         return 0.0
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16.items() if k in name), 0.0)
+
+
+# -----------------------------------------------------------------------------
+# Launching local processes (torchrun does this itself)
+
+def _spawned(local_rank: int, target, argv: list, world: int, port: int):
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    target(argv)
+    exit_worker()
+
+
+def exit_worker():
+    """End a finished rank without interpreter teardown: Gloo's worker threads may still hold
+    finished work objects, and freeing them while Python finalises aborts the process now and then
+    ("terminate called without an active exception", SIGABRT), after a run that succeeded."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def spawn(target, argv: list, nprocs: int):
+    """`--nprocs N` without torchrun: N local processes, each running target(argv) as one rank (target:
+    a module-level function, so the new processes can import it).
+
+    torch.multiprocessing.spawn kills the survivors when one process fails,
+    so a dead rank never leaves the others waiting.
+    """
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_spawned, args=(target, argv, nprocs, port), nprocs=nprocs, join=True)

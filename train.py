@@ -5,15 +5,18 @@
     python train.py --type sft --data sft.h5 --model runs/pre/step_000500 --out runs/sft
     python train.py --type dpo --data dpo.h5 --model runs/sft --out runs/dpo --beta 0.1
     python train.py --type grpo --data grpo.h5 --model runs/dpo --out runs/grpo
+    python train.py --type sft --data sft.h5 --model HF_DIR --lora-rank 16   # LoRA: only adapters train (lora.py)
+    python train.py --type seq ... --optimizer muon    # Muon for the hidden matrices, AdamW for the rest (optim.py)
     torchrun --nproc_per_node 8 train.py ...            # or --nprocs 2: spawn local processes (GLOO on CPU)
 
 `build_run` makes the objects once (model, strategy, data, the batch source); `fit` is the loop.
 Each step: grad_accum micro-batches from the batch source (the data; for GRPO, rollouts of the live
 policy, rollout.py), a loss normalised by the units of the whole step (tokens, pairs or sequences
 over every micro-batch and rank, so the split does not change the gradient), gradient clipping, a
-stop before the update if the loss or gradient norm is not finite, AdamW, the learning rate from the
-schedule, bf16 autocast on GPU. Rank 0 logs, appends to OUT/metrics.jsonl and saves checkpoints
-(checkpoint.py); the sampler resumes exactly, so `--resume` reproduces an uninterrupted run.
+stop before the update if the loss or gradient norm is not finite, the optimizer step (AdamW or Muon)
+at the learning rate of the schedule (optim.py), bf16 autocast on GPU. Rank 0 logs, appends to
+OUT/metrics.jsonl and saves checkpoints (checkpoint.py); the sampler resumes exactly, so `--resume`
+reproduces an uninterrupted run. --lora-rank trains adapters of a frozen model (lora.py).
 
 Left out: tensor and pipeline parallelism, FSDP for GRPO, sequence packing.
 """
@@ -27,7 +30,6 @@ import json
 import math
 import os
 import random
-import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -40,12 +42,14 @@ import torch.distributed as dist
 import checkpoint
 import data
 import lora
+import optim
 import rollout
 import strategies
 import tokenizer as tokenizer_lib
 import cli
 from cli import UsageError
-from distributed import all_reduce, gradient_sync, init_distributed, parallelize, peak_flops, pick_device
+from distributed import (all_reduce, exit_worker, gradient_sync, init_distributed, parallelize, peak_flops, pick_device,
+                         spawn)
 from model import PRESETS, Transformer
 
 
@@ -86,6 +90,8 @@ def add_run_args(p):
     g.add_argument("--sgdr-cycle", type=int, default=100, help="sgdr: steps in the first cycle")
     g.add_argument("--sgdr-mult", type=float, default=2.0, help="sgdr: cycle length multiplier")
     g.add_argument("--decay-frac", type=float, default=0.2, help="wsd: final fraction of steps that decays")
+    g.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="muon: orthogonalised momentum for the hidden matrices, AdamW for the rest (optim.py)")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
     g.add_argument("--seed", type=int, default=0)
@@ -171,6 +177,9 @@ def check_args(args):
     if args.reward_model and not strategies.RewardModel.saved_form(args.reward_model):
         raise UsageError(f"--reward-model {args.reward_model} is not a reward model (no reward_model.json); "
                          "train one with --type rm")
+    if args.fsdp and args.optimizer == "muon":
+        raise UsageError("--optimizer muon with --fsdp is not supported: Muon orthogonalises each whole matrix, "
+                         "which FSDP shards across ranks; use DDP (--nprocs N) or --optimizer adamw")
     if args.fsdp and args.nprocs < 2 and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise UsageError("--fsdp shards over several processes: launch with torchrun or --nprocs N (N >= 2)")
     if args.type == "grpo":
@@ -241,69 +250,6 @@ def check_grpo_args(args):
                          "while a sharded model needs every rank in each forward; use DDP")
     if args.temperature <= 0:
         raise UsageError("grpo samples its completions: --temperature must be > 0")
-
-
-# -----------------------------------------------------------------------------
-# Learning-rate schedules
-
-def lr_at(step: int, total: int, args) -> float:
-    """Learning rate for optimizer step `step` (0-based) of `total`.
-
-    Linear warmup over args.warmup steps, then
-      constant: lr
-      cosine:   min + (lr - min) * (1 + cos(pi * p)) / 2,  p = progress after warmup in [0, 1]
-      sgdr:     the cosine restarted every cycle (Loshchilov & Hutter 2017), cycles
-                growing by sgdr_mult: lengths c, c*m, c*m^2, ...
-      wsd:      warmup-stable-decay: lr until the last decay_frac of steps, then linear to min
-    """
-    lr, lo = args.lr, args.min_lr
-    if step < args.warmup:
-        return lr * (step + 1) / args.warmup
-    t, n = step - args.warmup, max(1, total - args.warmup)
-    if args.schedule == "constant":
-        return lr
-    if args.schedule == "cosine":
-        return lo + (lr - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, t / n)))
-    if args.schedule == "sgdr":
-        cycle = float(args.sgdr_cycle)
-        while t >= cycle:
-            t -= cycle
-            cycle *= args.sgdr_mult
-        return lo + (lr - lo) * 0.5 * (1 + math.cos(math.pi * t / cycle))
-    decay_start = n * (1 - args.decay_frac)
-    return lr if t < decay_start else lr + (lo - lr) * (t - decay_start) / max(1.0, n - decay_start)
-
-
-# -----------------------------------------------------------------------------
-# Launching local processes (torchrun does this itself)
-
-def _spawned(local_rank: int, argv: list, world: int, port: int):
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    run_from_args(build_parser().parse_args(argv))
-    exit_worker()
-
-
-def exit_worker():
-    """End a finished rank without interpreter teardown: Gloo's worker threads may still hold
-    finished work objects, and freeing them while Python finalises aborts the process now and then
-    ("terminate called without an active exception", SIGABRT), after a run that succeeded."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def spawn(args, argv: list):
-    """`--nprocs N` without torchrun: start N local processes running this same file.
-
-    torch.multiprocessing.spawn kills the survivors when one process fails,
-    so a dead rank never leaves the others waiting.
-    """
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_spawned, args=(argv, args.nprocs, port), nprocs=args.nprocs, join=True)
 
 
 # -----------------------------------------------------------------------------
@@ -611,17 +557,6 @@ def optimise(run, net, opt, batches: list, step: int) -> dict:
     return {"loss": loss, "grad_norm": grad_norm, **dict(zip(keys, all_reduce([sums[k] for k in keys], run, True)))}
 
 
-def make_optimizer(run):
-    """AdamW (fused on CUDA); no weight decay on vectors (norms, biases); frozen weights left out."""
-    decay, no_decay = [], []
-    for p in run.model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": run.args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=run.args.lr, betas=(0.9, 0.95),
-                             fused=run.device.type == "cuda")
-
-
 def log_start(run, total: int, per_step: int):
     args, world = run.args, run.world
     if isinstance(run.source, rollout.Rollouts):
@@ -706,7 +641,7 @@ def fit(run, resume_from):
     per_step = run.source.per_micro * args.grad_accum  # data samples per step and rank
     total = args.steps or max(1, int(args.epochs * sampler.per_rank / per_step))
     net = parallelize(run)
-    opt = make_optimizer(run)
+    opt = optim.make_optimizer(run.model, run.args, run.device)
     step, progress = resume(run, opt, resume_from)
     log_start(run, total, per_step)
     os.makedirs(args.out, exist_ok=True)
@@ -715,7 +650,7 @@ def fit(run, resume_from):
     t_start, start_step, record = time.time(), step, {}
     net.train()
     while step < total:
-        t0, lr = time.time(), lr_at(step, total, args)
+        t0, lr = time.time(), optim.lr_at(step, total, args)
         for group in opt.param_groups:
             group["lr"] = lr
         # 1. this step's micro-batches; 2. optimizer steps over them (GRPO: mu passes)
@@ -750,6 +685,11 @@ def fit(run, resume_from):
     return record
 
 
+def run_argv(argv):
+    """A spawned rank's run (distributed.spawn): the flags again, then the run."""
+    run_from_args(build_parser().parse_args(argv))
+
+
 def main(argv=None):
     """Returns the last metrics record (or eval results) of a single-process run."""
     argv = sys.argv[1:] if argv is None else argv
@@ -759,7 +699,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
     if args.nprocs > 1 and "WORLD_SIZE" not in os.environ:
-        spawn(args, argv)
+        spawn(run_argv, argv, args.nprocs)
     else:
         return run_from_args(args)
 

@@ -138,6 +138,11 @@ def test_lora_runs_save_peft_checkpoints_and_resume_exactly(files, hf_base, tmp_
     b = Transformer.from_pretrained(str(part / "step_000004")).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if ".lora_" in k)
     assert [m["loss"] for m in metrics(tmp_path / "full")] == [m["loss"] for m in metrics(part)]
+    from peft import PeftModel  # a training checkpoint is itself the adapter directory PEFT reads
+    from transformers import AutoModelForCausalLM
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(hf_base)), str(step))
+    with torch.no_grad():
+        assert torch.allclose(theirs(IDS).logits, Transformer.from_pretrained(str(step)).eval()(IDS), atol=1e-5)
 
 
 def test_dpo_with_lora_uses_the_base_as_its_reference(files, hf_base):  # noqa: F811

@@ -17,6 +17,7 @@ import distributed
 import rollout
 import strategies
 import tokenizer
+import optim
 import train
 from model import PRESETS, Transformer
 from task import ArithmeticTask
@@ -402,19 +403,19 @@ def test_incompatible_checkpoint_is_refused(files, tmp_path):
 
 def test_lr_schedules():
     args = train.build_parser().parse_args(["--lr", "1.0", "--min-lr", "0.1", "--warmup", "10"])
-    lrs = [train.lr_at(s, 110, args) for s in range(110)]
+    lrs = [optim.lr_at(s, 110, args) for s in range(110)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55) and lrs[-1] > 0.1
     args.schedule = "wsd"
     args.decay_frac = 0.5
-    lrs = [train.lr_at(s, 110, args) for s in range(111)]
+    lrs = [optim.lr_at(s, 110, args) for s in range(111)]
     assert lrs[30] == 1.0 and lrs[59] == 1.0 and lrs[85] == pytest.approx(0.55) and lrs[110] == pytest.approx(0.1)
     args.schedule, args.sgdr_cycle, args.sgdr_mult = "sgdr", 20, 2.0
-    lrs = [train.lr_at(s, 200, args) for s in range(200)]
+    lrs = [optim.lr_at(s, 200, args) for s in range(200)]
     assert lrs[10] == 1.0 and lrs[30] == 1.0 and lrs[70] == 1.0  # restarts at 0, 20, 60 after warmup
     assert lrs[20] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math_cos(0.5)))
     args.schedule = "constant"
-    assert train.lr_at(150, 200, args) == 1.0
+    assert optim.lr_at(150, 200, args) == 1.0
 
 
 def math_cos(fraction):
@@ -591,7 +592,7 @@ def test_the_split_of_a_batch_does_not_change_the_gradient(files, tmp_path):
             save_file({{k: v.contiguous() for k, v in grads.items()}}, {str(tmp_path / "grads.safetensors")!r})
             print("LOSS", out["loss"], flush=True)
         dist.destroy_process_group()
-        os._exit(0)  # as train.exit_worker: no interpreter teardown under live Gloo threads
+        os._exit(0)  # as distributed.exit_worker: no interpreter teardown under live Gloo threads
     """)
     r = torchrun(script)
     assert r.returncode == 0, r.stderr[-3000:]
