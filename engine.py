@@ -14,7 +14,8 @@ sampling.sample on each row that reached the end of its context; whole character
 request's queue (the Request handle and what it returns: outputs.py). A failing batch is rerun row
 by row, so only the failing request sees the error. A constrained row (SamplingParams.json_schema)
 carries a grammar.Matcher the sampler asks for its mask. `embed` runs a plain forward on the engine
-thread between steps (mean-pooled, for retrieval). `generate_reference` is the readable path (greedy, no cache); tests hold the engine to it.
+thread between steps (mean-pooled, for retrieval). `generate_reference` is the readable path
+(greedy, no cache); tests hold the engine to it.
 
 Left out: CUDA graphs, a paged-attention kernel (rows' keys are gathered, then SDPA), speculative
 decoding, beam search.
@@ -39,8 +40,8 @@ import lora
 import quant
 from attention import KVBatch
 from metrics import TOKEN_BUCKETS, TTFT_BUCKETS, Histogram
-from sampling import DEFAULTS_FROM_MODEL, RequestError, SamplingParams, is_int, is_num, need, sample
 from outputs import Choice, EngineError, Request, TextOutput
+from sampling import DEFAULTS_FROM_MODEL, RequestError, SamplingParams, is_int, is_num, need, sample
 from scheduler import BlockManager, Scheduler, Sequence
 
 # -----------------------------------------------------------------------------

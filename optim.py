@@ -12,8 +12,8 @@ weight decay wd):
 NS is a quintic Newton-Schulz iteration on X0 = U / ||U||_F (every singular value in (0, 1]):
 X <- a X + (b A + c A^2) X with A = X X^T and (a, b, c) = (3.4445, -4.7750, 2.0315), 5 times.
 The singular vectors stay; each step maps every singular value s to a s + b s^3 + c s^5, which in 5
-steps takes each one not far below the largest (here: above ~1% of ||G||_F) into [0.68, 1.21] rather
-than to exactly 1: fast, and what matters is that no direction stays small. orthogonalize_svd is the
+steps takes each one not far below the largest into NS_BAND rather than to exactly 1: fast, and
+what matters is that no direction stays small. orthogonalize_svd is the
 exact P Q^T it approximates; the tests hold the iteration to P p(S) Q^T, with p those 5 steps. The factor 0.2 sqrt(max(m, n)) gives
 the update the RMS an AdamW update has (Liu et al. 2025, "Muon is Scalable for LLM Training"), so one
 learning rate serves both kinds of parameter. Embeddings, the head, norms and biases (and LoRA adapters)
