@@ -235,10 +235,13 @@ class InferenceEngine:
         for i, x in enumerate(ids):
             need(len(x) <= self.max_seq_len, "input", f"input {i} has {len(x)} tokens; the context is "
                  f"{self.max_seq_len}")
-        unique = list(dict.fromkeys(map(tuple, ids)))
+        row = {}  # distinct prompt -> its row of the computed vectors
+        for x in ids:
+            row.setdefault(tuple(x), len(row))
+        unique = list(row)
         vectors = self._call(lambda: torch.cat([self._embed_batch(unique[i:i + self.max_batch_size])
                                                 for i in range(0, len(unique), self.max_batch_size)]))
-        return vectors[[unique.index(tuple(x)) for x in ids]]
+        return vectors[[row[tuple(x)] for x in ids]]
 
     def _embed_batch(self, rows):
         T = max(map(len, rows))

@@ -433,8 +433,9 @@ def embeddings(engine, body, model="astrai"):
     each vector is engine.embed's (mean-pooled final hidden states, L2-normalised). encoding_format "base64"
     (the openai client's default) sends little-endian float32 bytes, as OpenAI does."""
     from engine import EngineError, RequestError
+    from sampling import is_int
     x, fmt = body.get("input"), body.get("encoding_format") or "float"
-    tokens = lambda v: isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) for i in v)  # noqa: E731
+    tokens = lambda v: isinstance(v, list) and v and all(map(is_int, v))  # noqa: E731
     inputs = [x] if isinstance(x, str) or tokens(x) else x
     if not (isinstance(inputs, list) and 1 <= len(inputs) <= MAX_EMBED_INPUTS and
             all((isinstance(v, str) and v) or tokens(v) for v in inputs)):
