@@ -25,9 +25,9 @@ import time
 
 import checkpoint
 import data
+import eval as evaluation
 import tokenizer as tokenizer_lib
 import train
-from rollout import exact_match
 from task import ArithmeticTask
 
 GRPO_FLAGS = ["--batch-size", "128", "--group-size", "8", "--lr", "1e-4", "--min-lr", "1e-5", "--warmup", "3",
@@ -53,8 +53,9 @@ Row = collections.namedtuple("Row", "name kind steps minutes key start_end signa
 
 
 def prepare(root, seed, eval_problems):
-    """Tokenizer and one HDF5 file per stage, plus held-out problems in chat form (eval.h5) and as
-    preference pairs (eval-pairs.h5). Returns (data directory, tokenizer, held-out plain-text problems)."""
+    """Tokenizer and one HDF5 file per stage, plus the held-out problems as eval.py reads them: in chat
+    form (eval.jsonl), as plain text (eval-plain.jsonl, pretraining's format) and as preference pairs
+    (eval-pairs.h5, for the reward model). Returns (data directory, tokenizer)."""
     task, data_dir = ArithmeticTask(seed), os.path.join(root, "demo-data")
     os.makedirs(data_dir, exist_ok=True)
     records = {kind: task.records(kind, 20000) for kind in ("seq", "sft", "dpo", "grpo")}
@@ -63,10 +64,17 @@ def prepare(root, seed, eval_problems):
     for kind, recs in records.items():
         data.prepare(kind, list(enumerate(recs, 1)), tok, os.path.join(data_dir, f"{kind}.h5"), log=None)
     heldout = task.records("grpo", eval_problems, "eval")
-    data.prepare("grpo", list(enumerate(heldout, 1)), tok, os.path.join(data_dir, "eval.h5"), log=None)
+    write_jsonl(os.path.join(data_dir, "eval.jsonl"), heldout)
+    write_jsonl(os.path.join(data_dir, "eval-plain.jsonl"),
+                [{"prompt": r["messages"][0]["content"] + "\n", "answer": r["answer"]} for r in heldout])
     data.prepare("dpo", list(enumerate(task.records("dpo", eval_problems, "eval"), 1)), tok,
                  os.path.join(data_dir, "eval-pairs.h5"), log=None)
-    return data_dir, tok, [(r["messages"][0]["content"], r["answer"]) for r in heldout]
+    return data_dir, tok
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def tokenizer_corpus(records):
@@ -78,28 +86,16 @@ def tokenizer_corpus(records):
     return [r["text"] for r in records["seq"][:5000]] + chats
 
 
-def plain_accuracy(model_dir, problems):
-    """Pretraining's own format: "question\\n" continued greedily up to the newline, scored by exact match."""
-    from engine import InferenceEngine, SamplingParams
-    with InferenceEngine.from_pretrained(model_dir, max_batch_size=32, max_seq_len=160) as engine:
-        params = SamplingParams(max_tokens=40, temperature=0, stop=["\n"])
-        outs = engine.generate([q + "\n" for q, _ in problems], params)
-    return sum(exact_match(o.text, a) for o, (_, a) in zip(outs, problems)) / len(problems)
-
-
-def held_out_score(kind, model_dir, data_dir, problems):
-    """The stage's held-out figure: exact match (plain text for pretraining, chat after), or the reward
+def held_out_score(kind, model_dir, data_dir):
+    """The stage's held-out figure: exact match through eval.py's gen path (greedy, to the newline or the
+    end of the reply), in the stage's own format (plain text for pretraining, chat after), or the reward
     model's pairwise accuracy."""
-    if kind == "seq":
-        return plain_accuracy(model_dir, problems)
-    batches = str(len(problems) // 16 + 1)
     if kind == "rm":
         return train.main(["--type", "rm", "--eval-only", "--data", os.path.join(data_dir, "eval-pairs.h5"),
                            "--model", model_dir, "--seq-len", "128", "--batch-size", "16",
-                           "--eval-batches", batches])["eval_accuracy"]
-    return train.main(["--type", "grpo", "--eval-only", "--data", os.path.join(data_dir, "eval.h5"), "--model",
-                       model_dir, "--seq-len", "128", "--batch-size", "16", "--eval-batches", batches,
-                       "--max-new-tokens", "40"])["eval_reward"]
+                           "--eval-batches", "1000"])["eval_accuracy"]  # every whole batch of the pairs
+    path = os.path.join(data_dir, "eval-plain.jsonl" if kind == "seq" else "eval.jsonl")
+    return evaluation.evaluate(model_dir, "gen", path, max_new_tokens=40)["metrics"]["exact_match"]
 
 
 def start_end(run_dir, key):
@@ -119,7 +115,7 @@ def run(root="runs", seed=0, scale=1.0, eval_problems=256):
         for path in previous:
             shutil.rmtree(path)
     t0 = time.time()
-    data_dir, tok, problems = prepare(root, seed, eval_problems)
+    data_dir, tok = prepare(root, seed, eval_problems)
     print(f"demo: seed {seed}, tokenizer ({tok.vocab_size} tokens) and data in {data_dir} "
           f"({time.time() - t0:.0f}s)", flush=True)
     rows = []
@@ -137,7 +133,7 @@ def run(root="runs", seed=0, scale=1.0, eval_problems=256):
         key = "reward_mean" if kind == "grpo" else "loss"
         signal = start_end(out, "groups_with_signal") if kind == "grpo" else None
         rows.append(Row(name, kind, last["step"], (time.time() - t) / 60, key, start_end(out, key), signal,
-                        held_out_score(kind, checkpoint.latest(out), data_dir, problems)))
+                        held_out_score(kind, checkpoint.latest(out), data_dir)))
     print_table(rows, time.time() - t0, checkpoint.latest(os.path.join(root, STAGES[-1][0])))
     return rows
 

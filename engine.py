@@ -239,7 +239,7 @@ class InferenceEngine:
         for x in ids:
             row.setdefault(tuple(x), len(row))
         unique = list(row)
-        vectors = self._call(lambda: torch.cat([self._embed_batch(unique[i:i + self.max_batch_size])
+        vectors = self.call(lambda: torch.cat([self._embed_batch(unique[i:i + self.max_batch_size])
                                                 for i in range(0, len(unique), self.max_batch_size)]))
         return vectors[[row[tuple(x)] for x in ids]]
 
@@ -250,7 +250,7 @@ class InferenceEngine:
         h = self.model.hidden_states(ids).float() * real[..., None]  # (B, T, C), padding zeroed
         return torch.nn.functional.normalize(h.sum(1) / real.sum(1, keepdim=True), dim=-1).cpu()
 
-    def _call(self, fn):
+    def call(self, fn):
         """fn() on the engine thread (which owns the model), between steps; its result or its exception."""
         future = concurrent.futures.Future()
         with self._cv:

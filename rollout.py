@@ -31,9 +31,9 @@ from engine import InferenceEngine, SamplingParams
 
 def exact_match(completion: str, answer: str) -> float:
     """1.0 if the last integer in the completion equals the answer (GSM8K's convention), else 0.0:
-    ("12 + 30 = 42. The answer is 42.", "42") -> 1.0."""
-    numbers = re.findall(r"-?\d+", completion)
-    return float(bool(numbers) and numbers[-1] == answer.strip())
+    ("12 + 30 = 42. The answer is 42.", "42") -> 1.0; thousands separators are read ("1,234" is 1234)."""
+    numbers = re.findall(r"-?\d{1,3}(?:,\d{3})+|-?\d+", completion)
+    return float(bool(numbers) and numbers[-1].replace(",", "") == answer.strip().replace(",", ""))
 
 
 def exact_match_reward(tok):

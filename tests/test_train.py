@@ -454,8 +454,7 @@ def test_default_run_learns(tmp_path, capsys, all_cores):
         assert r.key == ("reward_mean" if r.kind == "grpo" else "loss") and (r.signal is None) == (r.kind != "grpo")
     pre, sft, rm = rows["demo-1-pretrain"], rows["demo-2-sft"], rows["demo-3-rm"]
     # SFT teaches the chat format: the pretrained model in chat against SFT's row
-    pre_chat = demo.held_out_score("sft", checkpoint.latest(str(tmp_path / pre.name)), str(tmp_path / "demo-data"),
-                                   [None] * 256)
+    pre_chat = demo.held_out_score("sft", checkpoint.latest(str(tmp_path / pre.name)), str(tmp_path / "demo-data"))
     assert sft.score > pre_chat + 0.05
     assert pre.start_end[1] < pre.start_end[0] / 2 and sft.start_end[1] < sft.start_end[0] / 2
     assert rm.score > 0.5 + 0.15  # the reward model ranks held-out pairs
