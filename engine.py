@@ -240,7 +240,7 @@ class InferenceEngine:
             row.setdefault(tuple(x), len(row))
         unique = list(row)
         vectors = self.call(lambda: torch.cat([self._embed_batch(unique[i:i + self.max_batch_size])
-                                                for i in range(0, len(unique), self.max_batch_size)]))
+                                               for i in range(0, len(unique), self.max_batch_size)]))
         return vectors[[row[tuple(x)] for x in ids]]
 
     def _embed_batch(self, rows):

@@ -204,8 +204,8 @@ def score_ppl(engine, records, progress) -> tuple:
         ll = [0.0] * len(texts)
         for (k, (b, first, _)), lp in zip(spans, lps):
             ll[k] += lp[first - b - 1:].sum().item()  # lp[j] scores token b + 1 + j
-        details += [{"loglikelihood": l, "tokens": max(0, len(x) - 1), "bytes": len(t.encode("utf-8"))}
-                    for l, x, t in zip(ll, ids, texts)]
+        details += [{"loglikelihood": total, "tokens": max(0, len(x) - 1), "bytes": len(t.encode("utf-8"))}
+                    for total, x, t in zip(ll, ids, texts)]
         progress(len(details))
     nll, tokens, nbytes = -sum(d["loglikelihood"] for d in details), sum(d["tokens"] for d in details), \
         sum(d["bytes"] for d in details)

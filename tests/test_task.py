@@ -25,6 +25,7 @@ def test_task_is_deterministic_verifiable_and_heldout_is_disjoint():
     assert exact_match("12 + 30 = 42. The answer is 42.", "42") == 1.0  # the task's reward
     assert exact_match("12 + 30 = 42. The answer is 43.", "42") == 0.0
     assert exact_match("no number", "42") == 0.0
+    assert exact_match("so 1,234 in all", "1234") == 1.0 and exact_match("8 + 7 = 15, 4", "4") == 1.0  # separators
 
 
 def test_task_answers_are_right_by_arithmetic():
