@@ -593,6 +593,9 @@ def log_start(run, total: int, per_step: int):
     trainable, every = lora.counts(run.model)
     params = f"{every / 1e6:.2f}M parameters" + (f" ({trainable / 1e6:.3f}M trainable, {trainable / every:.2%}: LoRA r="
                                                  f"{args.lora_rank})" if trainable < every else "")
+    core = getattr(run.model, "backbone", run.model)  # a reward model's transformer
+    idle = core.num_params() - core.num_params(active=True)  # MoE: the routed experts a token does not run
+    params += f", {(every - idle) / 1e6:.2f}M active per token" if idle else ""
     log0(run.rank, f"{args.type}: {params} | {total} steps | {batch} per step | "
          f"grad accum {args.grad_accum} | world {world} ({mode}) | device {run.device}")
 

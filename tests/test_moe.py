@@ -395,7 +395,7 @@ def test_train_tiny_moe_preset_logs_router_metrics(task_files, tmp_path):
         assert row["moe_aux_loss"] >= 2 * 0.99  # k = 2 at perfect balance, more otherwise
         assert 1.0 <= row["router_load_max"] <= 8.0
     assert rows[-1]["loss"] < rows[0]["loss"]
-    assert "moe_aux_loss" in r.stdout  # the progress line shows it
+    assert "moe_aux_loss" in r.stdout and "M active per token" in r.stdout  # progress and start lines
     saved = json.loads((tmp_path / "run" / "step_000012" / "config.json").read_text())
     assert saved["model_type"] == "mixtral" and saved["num_local_experts"] == 8
 
