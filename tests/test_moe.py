@@ -368,7 +368,10 @@ def task_files(tmp_path_factory):
                       scoring_func="sigmoid", n_shared_experts=1, first_k_dense_replace=1, moe_intermediate_size=32,
                       router_bias_update_speed=0.01, router_aux_loss_coef=0.0)  # DeepSeek-V3: balanced by the bias
     torch.manual_seed(0)
-    Transformer(cfg).save_pretrained(str(d / "dsv3"))
+    model = Transformer(cfg)
+    with torch.no_grad():  # experts 2 and 3 never chosen: a bias step of 0.01 per update cannot lift them
+        model.model.layers[1].mlp.gate.e_score_correction_bias[2:] = -10.0
+    model.save_pretrained(str(d / "dsv3"))
     tok.save(str(d / "dsv3"))
     return d
 
@@ -402,8 +405,8 @@ def test_train_tiny_moe_preset_logs_router_metrics(task_files, tmp_path):
 
 def test_ddp_and_fsdp_equal_one_process_with_the_bias_update(task_files, tmp_path):
     """A DeepSeek-V3-shaped model (sigmoid router, bias update on): two ranks of 4 equal one of 8, weights and
-    selection bias, so every expert's gradient is reduced (DDP would fail on an unused one) and the loads
-    are summed over ranks before the bias moves. (L_aux is off: it is taken per micro-batch and rank, as in
+    selection bias. Two experts are never routed to, and DDP (no find_unused_parameters) still runs: they
+    get zero gradients; the loads are summed over ranks before the bias moves. (L_aux is off: it is taken per micro-batch and rank, as in
     transformers, so its gradient depends on how a batch is split.)"""
     d = task_files
     common = ["--type", "seq", "--data", d / "seq.h5", "--model", d / "dsv3", "--steps", 3, "--seq-len", 32,
