@@ -339,7 +339,7 @@ def test_quantize_fuse_and_lora_leave_the_router_alone():
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
 
 
-def test_save_load_round_trip_of_tiny_moe(tmp_path):
+def test_tiny_moe_round_trips_and_loads_in_transformers(tmp_path):
     cfg = dataclasses.replace(PRESETS["tiny-moe"], vocab_size=128, num_hidden_layers=2)
     model = Transformer(cfg)
     model.save_pretrained(str(tmp_path))
@@ -349,6 +349,10 @@ def test_save_load_round_trip_of_tiny_moe(tmp_path):
     ids = torch.randint(0, 128, (2, 10))
     with torch.no_grad():  # equal weights; not bit-equal logits (the loaded tensors' memory takes other kernel paths)
         torch.testing.assert_close(model(ids), loaded(ids), atol=1e-5, rtol=0)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info  # a tied Mixtral, as transformers has it
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(ids).logits, model(ids), atol=1e-4, rtol=0)
 
 
 # -----------------------------------------------------------------------------
