@@ -360,8 +360,8 @@ class Transformer(nn.Module):
         return self.model.norm.weight.dtype
 
     def fuse_projections(self):
-        """For inference: q/k/v of each GQA layer become one qkv_proj, gate/up one gate_up_proj
-        (one matmul, one weight read, instead of three and two). The parts are concatenated along
+        """For inference: q/k/v of each GQA layer become one qkv_proj, gate/up of each MLP (and each expert's)
+        one gate_up_proj (one matmul, one weight read, instead of three and two). The parts are concatenated along
         the output dim and then dropped, so no weight is held twice; save_pretrained splits them
         back into Hugging Face names (FUSED). Not for training: the optimizer holds the old parameters."""
         for layer in self.model.layers:

@@ -639,9 +639,8 @@ def step_record(run, step, lr, passes, batches, seconds) -> dict:
 
 
 def progress_line(record, total, eta) -> str:
-    extra = "".join(f" | {k} {record[k]:.4g}" for k in
-                    ("accuracy", "reward_mean", "kl", "moe_aux_loss", "router_load_max", "eval_loss", "eval_accuracy",
-                     "eval_reward") if k in record)
+    extra = "".join(f" | {k} {record[k]:.4g}" for k in ("accuracy", "reward_mean", "kl", "moe_aux_loss", "router_load_max",
+                                                        "eval_loss", "eval_accuracy", "eval_reward") if k in record)
     return (f"step {record['step']}/{total} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
             f"{record['tokens_per_s']:,.0f} tok/s | eta {fmt_time(eta)}{extra}")
 

