@@ -10,6 +10,7 @@ Each subcommand measures one part of the stack and prints a small table:
     python bench.py server               # HTTP overhead per request, vs the engine directly
     python bench.py grammar              # constrained decoding's cost per token, batch 1 and 8
     python bench.py lora                 # full fine-tuning vs LoRA: peak memory, tokens/s (135M shape)
+    python bench.py moe                  # decode tokens/s, tiny vs tiny-moe (equal active parameters)
 
 To add a benchmark, write `bench_NAME(args)` and an `add_NAME_args(parser)`,
 and list them in BENCHMARKS at the bottom. Inputs are generated here with
@@ -818,6 +819,58 @@ def _lora_rollouts(args, prompts=8, n=4, new=24, P=32):
 # -----------------------------------------------------------------------------
 # CLI
 
+# -----------------------------------------------------------------------------
+# moe: decoding a mixture of experts against the dense model of equal active parameters
+
+
+def add_moe_args(p):
+    p.add_argument("--presets", default="tiny,tiny-moe", help="comma-separated presets; the first is the baseline")
+    p.add_argument("--batches", default="1,8", help="comma-separated decode batch sizes")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64, help="generated per sequence (EOS ignored)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best counts")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def bench_moe(args):
+    """Engine decode tokens/s (prompt excluded: see _decode_rate) per preset and batch size. At equal active
+    parameters an MoE layer does the dense layer's FLOPs per token but reads k experts' weights per token
+    (batch 1) or, at batch B, up to min(E, B*k) experts: decode, being memory-bound, pays for the weights
+    the batch touches, plus a sort and one small matmul per expert in use. Random weights, seed 0; the
+    routers are random too, so tokens spread over the experts about evenly."""
+    import torch
+    from engine import InferenceEngine, SamplingParams
+    from model import PRESETS, Transformer
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    presets, batches = args.presets.split(","), [int(b) for b in args.batches.split(",")]
+    P, N = args.prompt_len, args.new_tokens
+    _, tok = _engine_model("tiny", device)
+    rng = random.Random(0)
+    vocab = [i for i in range(300, tok.vocab_size) if i not in tok.special_ids]
+    prompts = [[rng.choice(vocab) for _ in range(P)] for _ in range(max(batches))]
+    params = lambda n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
+    rows, base = [], {}
+    for name in presets:
+        torch.manual_seed(0)
+        model = Transformer(PRESETS[name])
+        total, active = model.num_params(), model.num_params(active=True)
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            tok.save(d)
+            with InferenceEngine.from_pretrained(d, device=device, dtype=getattr(torch, args.dtype),
+                                                 max_batch_size=max(batches), max_seq_len=P + N + 1) as engine:
+                for B in batches:
+                    # B sequences decoding together: B * N tokens over the time of N more steps
+                    rate = B * _decode_rate(lambda n: engine.generate(prompts[:B], params(n)), N, args.repeats)
+                    base.setdefault(B, rate)
+                    rows.append([name, f"{total / 1e6:.1f}M", f"{active / 1e6:.1f}M", B, f"{rate:,.0f}",
+                                 f"{rate / base[B]:.2f}x"])
+    print_table(f"engine decode, {args.dtype} on {device} ({torch.get_num_threads()} threads, torch "
+                f"{torch.__version__}): prompt {P}, {N} new tokens per sequence, best of {args.repeats}",
+                ["preset", "params", "active", "batch", "decode tok/s", f"vs {presets[0]}"], rows)
+
+
 # name -> (help, add_arguments, run)
 BENCHMARKS = {
     "tokenizer": ("BPE training time and encode MB/s, tokenizer.py vs tokenizers",
@@ -832,6 +885,7 @@ BENCHMARKS = {
     "grammar": ("the sampler's time per step with and without a JSON schema (constrained decoding)",
                 add_grammar_args, bench_grammar),
     "lora": ("full fine-tuning vs LoRA: peak memory and training tokens/s", add_lora_args, bench_lora),
+    "moe": ("decode tokens/s of tiny vs tiny-moe (equal active parameters), batch 1 and 8", add_moe_args, bench_moe),
 }
 
 

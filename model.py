@@ -4,17 +4,18 @@
     for each layer:  x = x + attn(rmsnorm(x));  x = x + mlp(rmsnorm(x))     (pre-norm)
     logits = lm_head(rmsnorm(x))                                             (head optionally tied)
     mlp(x) = down(silu(gate(x)) * up(x))                                     (SwiGLU, Shazeer 2020)
+    or, in MoE layers, a router's top-k of E such MLPs, weighted             (moe.py)
 
 Attention (GQA or MLA), RoPE and the KV cache live in attention.py. One `forward` serves training
 (full causal sequences) and inference (new tokens written into cache slots at given positions).
 Checkpoints are Hugging Face model directories (config.json, model.safetensors or shards), parameter
-names as in HF Llama / Qwen2 / Qwen3: a GQA model is saved as the HF architecture that expresses it
-(llama; qwen2 with q/k/v bias; qwen3 with QK-norm) so `transformers` loads it unchanged; MLA and
-gated attention have no HF equivalent and are saved with model_type "astrai".
+names as in HF Llama / Qwen / DeepSeek-V3: a model is saved as the HF architecture that expresses it
+(llama, qwen2, qwen3, qwen3_moe, mixtral, deepseek_v3; hf.py) so `transformers` loads it unchanged;
+dense MLA and gated attention have no HF equivalent and are saved with model_type "astrai".
 
-Left out: mixture-of-experts, sliding-window layers, tensor parallelism.
+Left out: sliding-window layers, tensor and expert parallelism.
 
-    python model.py          # print the presets: parameters, KV bytes/token, FLOPs/token
+    python model.py          # print the presets: parameters (total, active), KV bytes/token, FLOPs/token
 """
 
 import json
@@ -27,8 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import hf
 import lora
 from attention import GQA, MLA, KVBatch, PagedKVCache, RMSNorm, RotaryEmbedding, rope_frequencies
+from hf import normalize_rope_scaling
+from moe import MoE, Router
 
 
 # -----------------------------------------------------------------------------
@@ -63,7 +67,24 @@ class ModelConfig:
     qk_nope_head_dim: int = 0  # MLA per-head key/query dims without RoPE
     qk_rope_head_dim: int = 0  # MLA shared RoPE key dim
     v_head_dim: int = 0  # MLA per-head value dim
+    # mixture of experts (moe.py); HF names, num_experts is ours (HF: num_experts, num_local_experts,
+    # n_routed_experts by family)
+    num_experts: int = 0  # routed experts per MoE layer; 0: every layer dense
+    num_experts_per_tok: int = 2  # k
+    moe_intermediate_size: Optional[int] = None  # each expert's width; None: intermediate_size
+    norm_topk_prob: bool = True  # renormalise the k chosen weights to sum to 1
+    scoring_func: str = "softmax"  # softmax (Mixtral, Qwen3-MoE) | sigmoid (DeepSeek-V3, with a selection bias)
+    n_group: int = 1  # group-limited routing: experts in n_group groups, only topk_group groups eligible
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # multiplies the routed experts' weights
+    n_shared_experts: int = 0  # experts every token runs (one MLP n_shared_experts * moe_intermediate_size wide)
+    first_k_dense_replace: int = 0  # layers 0..k-1 dense (DeepSeek-V3)
+    decoder_sparse_step: int = 1  # MoE every step-th layer (Qwen3-MoE)
+    mlp_only_layers: list = field(default_factory=list)  # these layers dense (Qwen3-MoE)
+    router_aux_loss_coef: float = 0.001  # weight of L_aux in the training loss (0: off)
+    router_bias_update_speed: float = 0.0  # DeepSeek-V3's aux-loss-free bias step gamma (sigmoid routers; 0: off)
     attn_impl: str = field(default="sdpa", metadata={"runtime": True})  # sdpa | manual
+    moe_impl: str = field(default="sorted", metadata={"runtime": True})  # sorted | loop (moe.MoE)
 
     def __post_init__(self):
         def need(ok, name, msg):
@@ -101,6 +122,42 @@ class ModelConfig:
             self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
             rope_frequencies(self.rotary_dim, self.rope_theta, self.rope_scaling,
                              self.max_position_embeddings)  # raises on unknown types
+        if self.num_experts:
+            self._check_moe(need)
+
+    def _check_moe(self, need):
+        E = self.num_experts
+        need(isinstance(E, int) and E >= 2, "num_experts", "must be an integer >= 2 for MoE (or 0: dense)")
+        need(isinstance(self.num_experts_per_tok, int) and 1 <= self.num_experts_per_tok <= E,
+             "num_experts_per_tok", f"must be in 1..num_experts={E}")
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be > 0")
+        need(self.scoring_func in ("softmax", "sigmoid"), "scoring_func", "must be 'softmax' or 'sigmoid'")
+        need(self.n_group >= 1 and E % self.n_group == 0, "n_group", f"must divide num_experts={E}")
+        if self.n_group > 1:
+            need(self.scoring_func == "sigmoid", "n_group", "group-limited routing needs scoring_func='sigmoid'")
+            need(E // self.n_group >= 2, "n_group", "each group needs >= 2 experts (a group scores its best two)")
+        need(1 <= self.topk_group <= self.n_group, "topk_group", f"must be in 1..n_group={self.n_group}")
+        need(self.num_experts_per_tok <= self.topk_group * E // self.n_group, "num_experts_per_tok",
+             f"must be <= the experts of topk_group={self.topk_group} groups")
+        need(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")
+        for name in ("n_shared_experts", "first_k_dense_replace"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "must be an integer >= 0")
+        need(isinstance(self.decoder_sparse_step, int) and self.decoder_sparse_step >= 1, "decoder_sparse_step",
+             "must be an integer >= 1")
+        need(all(isinstance(i, int) and 0 <= i < self.num_hidden_layers for i in self.mlp_only_layers),
+             "mlp_only_layers", f"must list layer indices in 0..{self.num_hidden_layers - 1}")
+        need(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "must be >= 0")
+        need(self.router_bias_update_speed >= 0, "router_bias_update_speed", "must be >= 0")
+        need(self.router_bias_update_speed == 0 or self.scoring_func == "sigmoid", "router_bias_update_speed",
+             "needs scoring_func='sigmoid' (only DeepSeek-V3's router has a selection bias)")
+        need(self.moe_impl in ("sorted", "loop"), "moe_impl", "must be 'sorted' or 'loop'")
+
+    def is_moe_layer(self, i: int) -> bool:
+        """DeepSeek-V3's first_k_dense_replace and Qwen3-MoE's decoder_sparse_step / mlp_only_layers, together."""
+        return (self.num_experts > 0 and i >= self.first_k_dense_replace and (i + 1) % self.decoder_sparse_step == 0
+                and i not in self.mlp_only_layers)
 
     @property
     def rotary_dim(self) -> int:
@@ -108,14 +165,8 @@ class ModelConfig:
 
     @property
     def model_type(self) -> str:
-        """The Hugging Face architecture that can load this config, else our own."""
-        if self.attention_type == "mla" or self.gated_attention:
-            return "astrai"
-        if self.qkv_bias and not self.attention_bias and not self.qk_norm:
-            return "qwen2" if self.head_dim * self.num_attention_heads == self.hidden_size else "astrai"
-        if self.qkv_bias:
-            return "astrai"  # q/k/v bias without o bias, plus QK-norm: no HF twin
-        return "qwen3" if self.qk_norm else "llama"
+        """The Hugging Face architecture that can load this config, else our own (hf.model_type)."""
+        return hf.model_type(self)
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """Cache bytes one token costs across all layers (bf16 by default)."""
@@ -126,26 +177,6 @@ class ModelConfig:
         return self.num_hidden_layers * per_layer * dtype_bytes
 
 
-def normalize_rope_scaling(scaling: dict) -> dict:
-    """Accept transformers 4.x ("type" or "rope_type") and 5.x spellings; return {"rope_type": ..., ...}."""
-    if not isinstance(scaling, dict):
-        raise ValueError(f"rope_scaling must be a dict like {{'rope_type': 'linear', 'factor': 2.0}}, "
-                         f"got {scaling!r}")
-    kind = scaling.get("rope_type") or scaling.get("type") or "default"
-    scaling = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta")}
-    scaling["rope_type"] = kind
-    required = {"linear": ["factor"], "dynamic": ["factor"],
-                "llama3": ["factor", "low_freq_factor", "high_freq_factor"], "yarn": []}
-    for key in required.get(kind, []):
-        if key not in scaling:
-            raise ValueError(f"rope_scaling of type {kind!r} needs the key {key!r}")
-    if kind == "yarn" and "factor" not in scaling and "original_max_position_embeddings" not in scaling:
-        raise ValueError("rope_scaling of type 'yarn' needs 'factor' or 'original_max_position_embeddings'")
-    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("partial_rotary_factor != 1 is not supported")
-    return scaling
-
-
 # Presets: literal instances. Parameter counts are printed by `python model.py`.
 PRESETS = {
     # a few M parameters: tests and the CPU demo
@@ -154,6 +185,14 @@ PRESETS = {
     "tiny-mla": ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                             num_attention_heads=4, max_position_embeddings=1024, attention_type="mla",
                             kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64),
+    # tiny's attention; each MLP becomes 8 experts of width 352, 2 per token: a token runs 2 x 352 = 704
+    # hidden units, tiny's width, so active parameters equal tiny's (plus a 8 x 256 router per layer) while
+    # the MLPs hold 4x the parameters. Softmax top-2, renormalised: HF Mixtral's routing, so it exports as
+    # Mixtral. Top-2 of 8 narrow experts rather than top-1 of 4 wide ones: more expert combinations per token
+    # at the same cost (DeepSeekMoE's fine-grained experts), and the router still sees a real choice.
+    "tiny-moe": ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=352, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                            num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.01),
     # GPT-2 small shape (~124M) for training benchmarks; SwiGLU width 2/3 * 4C keeps the count
     "gpt2-124m": ModelConfig(vocab_size=50304, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                              num_attention_heads=12, max_position_embeddings=1024),
@@ -171,11 +210,13 @@ PRESETS = {
 # Blocks
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """SwiGLU: the dense layer's feed-forward, and each expert of an MoE layer."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
         if hasattr(self, "gate_up_proj"):  # fused for inference (Transformer.fuse_projections)
@@ -184,13 +225,24 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def feed_forward(cfg: ModelConfig, layer: int) -> nn.Module:
+    """Layer `layer`'s MLP: dense, or (cfg.is_moe_layer) a router over num_experts expert MLPs plus
+    n_shared_experts always-on ones fused into one wider MLP (DeepSeek-V3's shared_experts)."""
+    C = cfg.hidden_size
+    if not cfg.is_moe_layer(layer):
+        return MLP(C, cfg.intermediate_size)
+    I = cfg.moe_intermediate_size
+    shared = MLP(C, I * cfg.n_shared_experts) if cfg.n_shared_experts else None
+    return MoE(Router(cfg), [MLP(C, I) for _ in range(cfg.num_experts)], shared, cfg.moe_impl)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLA(cfg) if cfg.attention_type == "mla" else GQA(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = feed_forward(cfg, layer)
 
     def forward(self, x, cos, sin, kv=None, layer=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, layer)
@@ -203,7 +255,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling,
                                           cfg.max_position_embeddings)
@@ -235,19 +287,26 @@ class Transformer(nn.Module):
                                 std / math.sqrt(2 * self.config.num_hidden_layers) if residual else std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
+            elif isinstance(module, (nn.Embedding, Router)):
                 nn.init.normal_(module.weight, 0.0, std)
 
     # -- sizes ------------------------------------------------------------------
 
-    def num_params(self, non_embedding: bool = False) -> int:
+    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
         """Unique parameters; non_embedding drops the input embedding table
-        (and the head when it is a separate matrix)."""
+        (and the head when it is a separate matrix). active: only those one token uses, i.e.
+        each MoE layer counts num_experts_per_tok of its routed experts (router and shared
+        experts always count)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.model.embed_tokens.weight.numel()
             if not self.config.tie_word_embeddings:
                 n -= self.lm_head.weight.numel()
+        if active:
+            for layer in self.model.layers:
+                if isinstance(layer.mlp, MoE):
+                    idle = len(layer.mlp.experts) - self.config.num_experts_per_tok
+                    n -= idle * sum(p.numel() for p in layer.mlp.experts[0].parameters())
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -255,12 +314,12 @@ class Transformer(nn.Module):
 
             6 N + 6 L H (Dqk + Dv) T      (= 6N + 12 L H D T when Dqk = Dv = D)
 
-        N counts every weight used in a matmul (blocks plus the output head, not
-        the embedding lookup); the second term is QK^T and AV over a T-token
-        context, whose cost does not show up in N.
+        N counts every weight used in a matmul for one token (blocks plus the output head, not
+        the embedding lookup; in MoE layers the k experts it is routed to, not all E); the
+        second term is QK^T and AV over a T-token context, whose cost does not show up in N.
         """
         cfg = self.config
-        N = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.hidden_size
+        N = self.num_params(non_embedding=True, active=True) + cfg.vocab_size * cfg.hidden_size
         if cfg.attention_type == "mla":
             d_qk, d_v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
         else:
@@ -301,18 +360,19 @@ class Transformer(nn.Module):
         return self.model.norm.weight.dtype
 
     def fuse_projections(self):
-        """For inference: q/k/v of each GQA layer become one qkv_proj, gate/up one gate_up_proj
-        (one matmul, one weight read, instead of three and two). The parts are concatenated along
+        """For inference: q/k/v of each GQA layer become one qkv_proj, gate/up of each MLP (and each expert's)
+        one gate_up_proj (one matmul, one weight read, instead of three and two). The parts are concatenated along
         the output dim and then dropped, so no weight is held twice; save_pretrained splits them
         back into Hugging Face names (FUSED). Not for training: the optimizer holds the old parameters."""
         for layer in self.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
+            attn = layer.self_attn
             if isinstance(attn, GQA) and hasattr(attn, "q_proj"):
                 attn.qkv_proj = _concat(attn.q_proj, attn.k_proj, attn.v_proj)
                 del attn.q_proj, attn.k_proj, attn.v_proj
-            if hasattr(mlp, "gate_proj"):
-                mlp.gate_up_proj = _concat(mlp.gate_proj, mlp.up_proj)
-                del mlp.gate_proj, mlp.up_proj
+            for mlp in layer.mlp.modules():  # the dense MLP, or each expert and the shared experts
+                if isinstance(mlp, MLP) and hasattr(mlp, "gate_proj"):
+                    mlp.gate_up_proj = _concat(mlp.gate_proj, mlp.up_proj)
+                    del mlp.gate_proj, mlp.up_proj
         return self
 
     def hf_state_dict(self) -> dict:
@@ -334,8 +394,10 @@ class Transformer(nn.Module):
         missing, unexpected or wrong-shaped weights are errors naming the key. A tied head may be
         stored or not (it is the embedding); old HF checkpoints' rotary inv_freq buffers are skipped.
         assign=True takes the tensors as they are (a model built on "meta"); else they are copied
-        into the existing parameters, so an optimizer built on them stays valid."""
+        into the existing parameters, so an optimizer built on them stays valid. Names may be the
+        family's checkpoint names (Mixtral's, fused 3-D experts: hf.weights_from_hf)."""
         tied = self.config.tie_word_embeddings
+        tensors = hf.weights_from_hf(tensors, self.config.model_type)
         tensors = {k: v for k, v in tensors.items()
                    if not k.endswith("rotary_emb.inv_freq") and not (tied and k == "lm_head.weight")}
         expected = self.state_dict()
@@ -377,6 +439,7 @@ class Transformer(nn.Module):
             return lora.save(path, state_dict or self.state_dict(), self.lora_config)
         os.makedirs(path, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in (state_dict or self.hf_state_dict()).items()}
+        state = hf.weights_to_hf(state, self.config.model_type)
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight")  # shared with model.embed_tokens.weight
         shards, size = [{}], 0
@@ -393,22 +456,22 @@ class Transformer(nn.Module):
             names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
             index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
                      "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-            _write_json(os.path.join(path, "model.safetensors.index.json"), index)
+            hf.write_json(os.path.join(path, "model.safetensors.index.json"), index)
         for name, shard in zip(names, shards):
             tmp = os.path.join(path, name + ".tmp")
             save_file(shard, tmp, metadata={"format": "pt"})
             os.replace(tmp, os.path.join(path, name))
         dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-        _write_json(os.path.join(path, "config.json"), config_to_hf(self.config, dtype))
+        hf.write_json(os.path.join(path, "config.json"), config_to_hf(self.config, dtype))
         gen = dict(self.generation_config)  # a loaded model's own, e.g. a list of eos ids
         for k in ("bos_token_id", "eos_token_id"):
             if getattr(self.config, k) is not None:
                 gen.setdefault(k, getattr(self.config, k))
-        _write_json(os.path.join(path, "generation_config.json"), gen)
+        hf.write_json(os.path.join(path, "generation_config.json"), gen)
 
     @classmethod
     def from_pretrained(cls, path: str, device=None, dtype=None) -> "Transformer":
-        """Load one of our model directories or an HF Llama / Qwen2 / Qwen3 one (a run directory's
+        """Load one of our model directories or an HF one of a family hf.py reads (a run directory's
         checkpoint: checkpoint.resolve first).
 
         dtype None keeps the checkpoint's dtype (as transformers 5 does).
@@ -427,11 +490,11 @@ class Transformer(nn.Module):
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{config_path} not found: pass a model directory (config.json and "
                                     "safetensors weights)")
-        cfg = config_from_hf(_read_json(config_path))
+        cfg = config_from_hf(hf.read_json(config_path))
         with torch.device("meta"):
             model = cls(cfg)
         tensors = {}
-        for file in _weight_files(path):
+        for file in hf.weight_files(path):
             try:
                 with safe_open(file, framework="pt", device="cpu") as f:
                     tensors.update({key: f.get_tensor(key) for key in f.keys()})
@@ -454,56 +517,17 @@ class Transformer(nn.Module):
 # -----------------------------------------------------------------------------
 # config.json <-> ModelConfig
 
-HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-           "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
-           "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "astrai": "AstrAIForCausalLM"}
-
-
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """config.json for cfg, in transformers 4.x spelling (5.x reads it too)."""
-    kind = cfg.model_type
-    out = {"architectures": [ARCHITECTURES[kind]], "model_type": kind, "hidden_act": "silu",
-           "torch_dtype": dtype, "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling}
-    out.update({k: getattr(cfg, k) for k in HF_KEYS})
-    if kind in ("llama", "qwen3"):
-        out["attention_bias"] = cfg.attention_bias
-    if kind == "astrai":  # our loader is the only reader: write every field
-        out.update({f.name: getattr(cfg, f.name) for f in fields(cfg) if not f.metadata.get("runtime")})
-    return out
+    """config.json for cfg as the HF family that expresses it (hf.config_to_hf)."""
+    return hf.config_to_hf(cfg, dtype, SAVED_FIELDS)
 
 
 def config_from_hf(d: dict) -> ModelConfig:
-    kind = d.get("model_type")
-    if kind not in ARCHITECTURES:
-        raise ValueError(f"config.json: model_type {kind!r} is not supported; "
-                         f"this code loads {sorted(ARCHITECTURES)}")
-    if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (only silu)")
-    for flag in ("mlp_bias", "use_sliding_window"):
-        if d.get(flag):
-            raise ValueError(f"config.json: {flag}=true is not supported")
-    if kind == "astrai":
-        names = {f.name for f in fields(ModelConfig) if not f.metadata.get("runtime")}
-        return ModelConfig(**{k: v for k, v in d.items() if k in names})
-    kw = {k: d[k] for k in HF_KEYS if d.get(k) is not None}
-    for k in ("bos_token_id", "eos_token_id"):  # HF allows a list of eos ids; keep the first
-        if isinstance(kw.get(k), list):
-            kw[k] = kw[k][0]
-    # rope: 4.x has rope_theta + rope_scaling, 5.x has rope_parameters with both inside
-    params = d.get("rope_parameters") or {}
-    kw["rope_theta"] = d.get("rope_theta") or params.get("rope_theta") or 10000.0
-    scaling = d.get("rope_scaling") or params
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        kw["rope_scaling"] = normalize_rope_scaling(scaling)
-    if kind == "qwen2":
-        kw["qkv_bias"] = True
-    else:
-        kw["attention_bias"] = bool(d.get("attention_bias", False))
-    kw["qk_norm"] = kind == "qwen3"
-    kw.setdefault("tie_word_embeddings", False if kind == "llama" else True)
-    return ModelConfig(**kw)
+    """A config.json dict (ours, or an HF family's) as a ModelConfig (hf.config_kwargs)."""
+    return ModelConfig(**hf.config_kwargs(d, SAVED_FIELDS))
+
+
+SAVED_FIELDS = [f.name for f in fields(ModelConfig) if not f.metadata.get("runtime")]
 
 
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # their HF parts
@@ -519,52 +543,23 @@ def _concat(*linears) -> nn.Linear:
     return out
 
 
-def _weight_files(path: str) -> list:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, name) for name in files]
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                            "(pickled .bin checkpoints are not read; convert them to safetensors)")
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-
-
-def _write_json(path: str, obj: dict):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 # -----------------------------------------------------------------------------
 
 def main():
     import argparse
-    p = argparse.ArgumentParser(description="Print the model presets: parameters, KV-cache bytes per "
-                                "token and training FLOPs per token.")
+    p = argparse.ArgumentParser(description="Print the model presets: parameters (total and active per token), "
+                                "KV-cache bytes per token and training FLOPs per token.")
     p.add_argument("--seq-len", type=int, default=1024, help="context length for the FLOPs estimate")
     args = p.parse_args()
-    print(f"{'preset':<14}{'attn':>5}{'params':>10}{'non-emb':>10}{'KV B/tok (bf16)':>17}"
+    print(f"{'preset':<14}{'attn':>5}{'params':>10}{'non-emb':>10}{'active':>10}{'KV B/tok (bf16)':>17}"
           f"{'GFLOP/tok @' + str(args.seq_len):>18}")
     for name, cfg in PRESETS.items():
         with torch.device("meta"):
             m = Transformer(cfg)
         print(f"{name:<14}{cfg.attention_type:>5}{m.num_params() / 1e6:>9.1f}M"
-              f"{m.num_params(non_embedding=True) / 1e6:>9.1f}M{cfg.kv_bytes_per_token():>17,}"
-              f"{m.flops_per_token(args.seq_len) / 1e9:>18.3f}")
-
+              f"{m.num_params(non_embedding=True) / 1e6:>9.1f}M{m.num_params(active=True) / 1e6:>9.1f}M"
+              f"{cfg.kv_bytes_per_token():>17,}{m.flops_per_token(args.seq_len) / 1e9:>18.3f}")
+    print("active: the parameters one token uses (an MoE layer's k routed experts of E); FLOPs count those")
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,9 @@ What is quantized: every Linear of the decoder blocks, and the embedding table /
 int8 for both kinds (the head decides every token; int4 there costs the most quality for the
 least memory). A tied head and the embedding share one int8 table: a row's per-row scale
 dequantizes that token's embedding exactly as it does the head's output channel. MLA's
-kv_b_proj stays in float (the absorbed decode path reads its weight directly).
+kv_b_proj stays in float (the absorbed decode path reads its weight directly). In MoE layers each
+expert's projections are Linears and are quantized; the router (moe.Router) is no Linear and stays
+float: its top-k is a discrete choice that rounding would flip.
 
 Left out: activation quantization (W8A8), GPTQ / AWQ calibration, the CUDA int4 layout.
 

@@ -14,7 +14,8 @@ Each step: grad_accum micro-batches from the batch source (the data; for GRPO, r
 policy, rollout.py), a loss normalised by the units of the whole step (tokens, pairs or sequences
 over every micro-batch and rank, so the split does not change the gradient), gradient clipping, a
 stop before the update if the loss or gradient norm is not finite, the optimizer step (AdamW or Muon)
-at the learning rate of the schedule (optim.py), bf16 autocast on GPU. Rank 0 logs, appends to
+at the learning rate of the schedule (optim.py), bf16 autocast on GPU. MoE models add their router's
+load-balancing loss and move DeepSeek-V3's selection bias after each update (moe.py). Rank 0 logs, appends to
 OUT/metrics.jsonl and saves checkpoints (checkpoint.py); the sampler resumes exactly, so `--resume`
 reproduces an uninterrupted run. --lora-rank trains adapters of a frozen model (lora.py).
 
@@ -42,6 +43,7 @@ import torch.distributed as dist
 import checkpoint
 import data
 import lora
+import moe
 import optim
 import rollout
 import strategies
@@ -527,8 +529,10 @@ def optimise(run, net, opt, batches: list, step: int) -> dict:
 
     loss = sum_b mean_b * n_b / N: n_b counts micro-batch b's units (strategy.count: tokens, pairs,
     sequences) and N all units of the step, every micro-batch and rank; so the gradient is the same
-    however the samples are split (DDP and FSDP average over ranks, hence the factor world). A loss
-    or gradient norm that is not finite stops the run before the update.
+    however the samples are split (DDP and FSDP average over ranks, hence the factor world). An MoE
+    model's micro-batch loss also gets router_aux_loss_coef * L_aux (moe.take_aux_loss); the logged loss
+    is the strategy's alone, L_aux is logged as moe_aux_loss. A loss or gradient norm that is not
+    finite stops the run before the update.
     """
     counts = [run.strategy.count(b) for b in batches]
     total = max(1.0, all_reduce([float(sum(counts))], run)[0])
@@ -536,7 +540,13 @@ def optimise(run, net, opt, batches: list, step: int) -> dict:
     for m, (batch, n) in enumerate(zip(batches, counts)):
         with gradient_sync(net, m == len(batches) - 1), run.autocast:
             loss, metrics = run.strategy.loss(net, batch)
-        (loss * (n * run.world / total)).backward()
+            aux = moe.take_aux_loss(run.model)
+        if aux is not None:
+            metrics = {**metrics, "moe_aux_loss": aux.item()}
+            objective = loss + run.model.config.router_aux_loss_coef * aux
+        else:
+            objective = loss
+        (objective * (n * run.world / total)).backward()
         loss_sum += loss.item() * n
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v / len(batches)
@@ -552,9 +562,24 @@ def optimise(run, net, opt, batches: list, step: int) -> dict:
                            "--lr or check the data, then --resume")
     opt.step()
     opt.zero_grad(set_to_none=True)
+    routing = balance_experts(run)
     run.source.after_update()  # GRPO: its engine's cached prefixes hold the old weights' keys and values
     keys = sorted(k for k in sums if k != "tokens")
-    return {"loss": loss, "grad_norm": grad_norm, **dict(zip(keys, all_reduce([sums[k] for k in keys], run, True)))}
+    return {"loss": loss, "grad_norm": grad_norm, **routing,
+            **dict(zip(keys, all_reduce([sums[k] for k in keys], run, True)))}
+
+
+def balance_experts(run) -> dict:
+    """After an update of an MoE model: each expert's load over the step (every micro-batch and rank),
+    logged as router_load_max (moe.load_max), and DeepSeek-V3's bias step on it (moe.update_bias, with
+    router_bias_update_speed). The loads are summed over the ranks first, so every rank's bias moves
+    alike. A dense model: nothing, no metrics."""
+    loads = moe.take_loads(run.model)
+    if loads is None:
+        return {}
+    loads = torch.tensor(all_reduce(loads.flatten().tolist(), run), device=loads.device).view(loads.shape)
+    moe.update_bias(run.model, loads, run.model.config.router_bias_update_speed)
+    return {"router_load_max": moe.load_max(loads)}
 
 
 def log_start(run, total: int, per_step: int):
@@ -568,6 +593,9 @@ def log_start(run, total: int, per_step: int):
     trainable, every = lora.counts(run.model)
     params = f"{every / 1e6:.2f}M parameters" + (f" ({trainable / 1e6:.3f}M trainable, {trainable / every:.2%}: LoRA r="
                                                  f"{args.lora_rank})" if trainable < every else "")
+    core = getattr(run.model, "backbone", run.model)  # a reward model's transformer
+    idle = core.num_params() - core.num_params(active=True)  # MoE: the routed experts a token does not run
+    params += f", {(every - idle) / 1e6:.2f}M active per token" if idle else ""
     log0(run.rank, f"{args.type}: {params} | {total} steps | {batch} per step | "
          f"grad accum {args.grad_accum} | world {world} ({mode}) | device {run.device}")
 
@@ -611,8 +639,8 @@ def step_record(run, step, lr, passes, batches, seconds) -> dict:
 
 
 def progress_line(record, total, eta) -> str:
-    extra = "".join(f" | {k} {record[k]:.4g}" for k in
-                    ("accuracy", "reward_mean", "kl", "eval_loss", "eval_accuracy", "eval_reward") if k in record)
+    extra = "".join(f" | {k} {record[k]:.4g}" for k in ("accuracy", "reward_mean", "kl", "moe_aux_loss", "router_load_max",
+                                                        "eval_loss", "eval_accuracy", "eval_reward") if k in record)
     return (f"step {record['step']}/{total} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
             f"{record['tokens_per_s']:,.0f} tok/s | eta {fmt_time(eta)}{extra}")
 
