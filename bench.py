@@ -817,11 +817,7 @@ def _lora_rollouts(args, prompts=8, n=4, new=24, P=32):
 
 
 # -----------------------------------------------------------------------------
-# CLI
-
-# -----------------------------------------------------------------------------
 # moe: decoding a mixture of experts against the dense model of equal active parameters
-
 
 def add_moe_args(p):
     p.add_argument("--presets", default="tiny,tiny-moe", help="comma-separated presets; the first is the baseline")
@@ -870,6 +866,9 @@ def bench_moe(args):
                 f"{torch.__version__}): prompt {P}, {N} new tokens per sequence, best of {args.repeats}",
                 ["preset", "params", "active", "batch", "decode tok/s", f"vs {presets[0]}"], rows)
 
+
+# -----------------------------------------------------------------------------
+# CLI
 
 # name -> (help, add_arguments, run)
 BENCHMARKS = {

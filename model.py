@@ -561,5 +561,6 @@ def main():
               f"{cfg.kv_bytes_per_token():>17,}{m.flops_per_token(args.seq_len) / 1e9:>18.3f}")
     print("active: the parameters one token uses (an MoE layer's k routed experts of E); FLOPs count those")
 
+
 if __name__ == "__main__":
     main()
