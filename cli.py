@@ -13,6 +13,7 @@ Left out: colours, localisation, log files.
 """
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -80,6 +81,24 @@ def check_writable(path, flag="--out"):
         raise UsageError(f"{flag} {path}: {parent} is a file, not a directory: choose another {flag}")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"{flag} {path}: {parent} is not writable: choose another {flag}")
+
+
+def write_file(path, chunks):
+    """Write the strings of `chunks` to path as UTF-8, whole or not at all: into path.tmp<PID>, renamed
+    over path once complete, so a failed or interrupted run never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(chunks)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_jsonl(path, records):
+    """One JSON object per line (non-ASCII kept as written), whole or not at all (write_file)."""
+    write_file(path, (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def _alive(pid):

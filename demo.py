@@ -24,6 +24,7 @@ import shutil
 import time
 
 import checkpoint
+import cli
 import data
 import eval as evaluation
 import tokenizer as tokenizer_lib
@@ -34,7 +35,7 @@ GRPO_FLAGS = ["--batch-size", "128", "--group-size", "8", "--lr", "1e-4", "--min
               "--temperature", "1.0", "--max-new-tokens", "40"]
 # (run name, --type, data file, start from, steps, flags; a --reward-model names a stage)
 STAGES = [
-    ("demo-1-pretrain", "seq", "seq", None, 3000, ["--batch-size", "4", "--lr", "1e-3", "--warmup", "20"]),
+    ("demo-1-pretrain", "seq", "seq", None, 2400, ["--batch-size", "4", "--lr", "1e-3", "--warmup", "20"]),
     ("demo-2-sft", "sft", "sft", "demo-1-pretrain", 600, ["--batch-size", "16", "--lr", "2e-3", "--warmup", "10"]),
     ("demo-3-rm", "rm", "dpo", "demo-2-sft", 150, ["--batch-size", "8", "--lr", "5e-5", "--min-lr", "1e-6",
                                                    "--warmup", "10", "--rm-reward", "likelihood"]),
@@ -64,17 +65,12 @@ def prepare(root, seed, eval_problems):
     for kind, recs in records.items():
         data.prepare(kind, list(enumerate(recs, 1)), tok, os.path.join(data_dir, f"{kind}.h5"), log=None)
     heldout = task.records("grpo", eval_problems, "eval")
-    write_jsonl(os.path.join(data_dir, "eval.jsonl"), heldout)
-    write_jsonl(os.path.join(data_dir, "eval-plain.jsonl"),
-                [{"prompt": r["messages"][0]["content"] + "\n", "answer": r["answer"]} for r in heldout])
+    cli.write_jsonl(os.path.join(data_dir, "eval.jsonl"), heldout)
+    cli.write_jsonl(os.path.join(data_dir, "eval-plain.jsonl"),
+                    [{"prompt": r["messages"][0]["content"] + "\n", "answer": r["answer"]} for r in heldout])
     data.prepare("dpo", list(enumerate(task.records("dpo", eval_problems, "eval"), 1)), tok,
                  os.path.join(data_dir, "eval-pairs.h5"), log=None)
     return data_dir, tok
-
-
-def write_jsonl(path, records):
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def tokenizer_corpus(records):

@@ -319,10 +319,7 @@ def main(argv=None):
                       batch_size=args.batch_size)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        tmp = f"{args.json}.tmp{os.getpid()}"  # renamed when whole: an interrupted run leaves no half file
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result, f, ensure_ascii=False, indent=1)
-        os.replace(tmp, args.json)
+        cli.write_file(args.json, [json.dumps(result, ensure_ascii=False, indent=1)])
     shown = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                        for k, v in result["metrics"].items() if not k.endswith("_stderr"))
     print(f"{args.task} on {args.data}: {result['n']} records | {shown}" + (f" | wrote {args.json}" if args.json else ""))

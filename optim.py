@@ -110,7 +110,8 @@ def param_groups(model, weight_decay):
 
 
 def make_optimizer(model, args, device):
-    """--optimizer adamw: AdamW (fused on CUDA); no weight decay on vectors (norms, biases); frozen weights
+    """--optimizer adamw: AdamW (fused on CUDA; elsewhere the multi-tensor path, the same numbers as
+    the per-tensor loop in fewer kernels); no weight decay on vectors (norms, biases); frozen weights
     left out. muon: Muon for the decoder's 2-D weights, AdamW for the rest (param_groups)."""
     if args.optimizer == "muon":
         return Muon(param_groups(model, args.weight_decay), lr=args.lr)
@@ -120,7 +121,7 @@ def make_optimizer(model, args, device):
             (decay if p.dim() >= 2 else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
-                             fused=device.type == "cuda")
+                             fused=device.type == "cuda", foreach=device.type != "cuda")
 
 
 def lr_at(step: int, total: int, args) -> float:

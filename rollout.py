@@ -9,8 +9,9 @@
 The engine (engine.py) shares the model's weights, so each step samples from the policy as it is.
 Each prompt's G completions share their prompt's KV blocks (prefilled once), and each draws from a
 seed fixed by (run seed, step, rank, micro-batch, prompt): a resumed run samples exactly what an
-uninterrupted one would. A reward is (prompt ids, completion ids, reference answer) -> float: the
-exact match of the completion's last number, or a trained reward model's score.
+uninterrupted one would. A reward maps lists of (prompt ids, completion ids, reference answer) to one
+float each: the exact match of the completion's last number, or a trained reward model's score (one
+forward per batch of completions).
 
 Left out: asynchronous rollouts (sampling the next batch while training on this one), a separate
 inference copy of the weights, rewards from code execution.
@@ -27,7 +28,7 @@ from engine import InferenceEngine, SamplingParams
 
 
 # -----------------------------------------------------------------------------
-# Rewards: (prompt ids, completion ids, answer) -> float
+# Rewards: a batch of (prompt ids, completion ids, answer) -> one float each
 
 def exact_match(completion: str, answer: str) -> float:
     """1.0 if the last integer in the completion equals the answer (GSM8K's convention), else 0.0:
@@ -37,22 +38,35 @@ def exact_match(completion: str, answer: str) -> float:
 
 
 def exact_match_reward(tok):
-    """exact_match on the completion's text (special tokens, such as the stop token, left out)."""
-    return lambda prompt, completion, answer: exact_match(tok.decode(completion, skip_special=True), answer)
+    """exact_match on each completion's text (special tokens, such as the stop token, left out)."""
+    return lambda prompts, completions, answers: [exact_match(tok.decode(c, skip_special=True), a)
+                                                  for c, a in zip(completions, answers)]
 
 
-def reward_model_reward(path, device):
-    """A trained reward model's r(prompt, completion) (strategies.RewardModel); an empty completion gets 0."""
+def reward_model_reward(path, device, batch_size: int = 64):
+    """A trained reward model's r(prompt, completion) (strategies.RewardModel), batch_size rows per forward;
+    an empty completion gets 0. Rows are right-padded: the model is causal and reads only up to each
+    row's last completion token, so padding changes no score."""
     import strategies
     rm = strategies.RewardModel.from_pretrained(path, device=device).eval()
 
     @torch.no_grad()
-    def score(prompt, completion, answer):
-        ids = torch.tensor([prompt + completion], device=device)
-        mask = torch.zeros_like(ids, dtype=torch.bool)
-        mask[0, len(prompt):] = True
-        return float(rm(ids, mask)[0]) if completion else 0.0
-    return score
+    def scores(prompts, completions, answers):
+        rewards = [0.0] * len(prompts)
+        rows = [i for i, c in enumerate(completions) if c]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            T = max(len(prompts[i]) + len(completions[i]) for i in chunk)
+            ids = torch.zeros(len(chunk), T, dtype=torch.long)
+            mask = torch.zeros(len(chunk), T, dtype=torch.bool)
+            for r, i in enumerate(chunk):
+                p, c = prompts[i], completions[i]
+                ids[r, :len(p) + len(c)] = torch.tensor(p + c)
+                mask[r, len(p):len(p) + len(c)] = True
+            for i, x in zip(chunk, rm(ids.to(device), mask.to(device)).tolist()):
+                rewards[i] = x
+        return rewards
+    return scores
 
 
 # -----------------------------------------------------------------------------
@@ -117,7 +131,7 @@ class Rollouts:
         choices = self.sample(batch["prompts"], c.temperature, seeds)
         prompts = [p for p in batch["prompts"] for _ in range(G)]
         answers = [a for a in batch["answers"] for _ in range(G)]
-        rewards = torch.tensor([self.reward(p, ch.token_ids, a) for p, ch, a in zip(prompts, choices, answers)])
+        rewards = torch.tensor(self.reward(prompts, [ch.token_ids for ch in choices], answers))
         T = max(len(p) + len(ch.token_ids) for p, ch in zip(prompts, choices))
         ids = torch.full((len(prompts), T), self.tok.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids, dtype=torch.bool)
@@ -135,5 +149,6 @@ class Rollouts:
         """The mean reward of greedy completions of the first n records."""
         samples = [dataset[i] for i in range(min(len(dataset), n))]
         choices = self.sample([s["prompt"] for s in samples], temperature=0.0)
-        return {"eval_reward": float(np.mean([self.reward(s["prompt"], ch.token_ids, s["answer"])
-                                              for s, ch in zip(samples, choices)]))}
+        rewards = self.reward([s["prompt"] for s in samples], [ch.token_ids for ch in choices],
+                              [s["answer"] for s in samples])
+        return {"eval_reward": float(np.mean(rewards))}

@@ -1,4 +1,5 @@
-"""The built-in task: English and Chinese word problems a + b and a - b with a, b < 100 (a >= b).
+"""The built-in task: English and Chinese problems a + b and a - b with a, b < 100 (a >= b), asked in
+words ("Tom has 23 apples and gets 48 more...", "What is 23 plus 48?") and in symbols ("23 + 48").
 
 The reply works in columns, ones first, carrying (+ 1) or borrowing (- 1) into the tens, and ends
 in the number, so every answer token is a one-digit fact or a copy (README, "Data"):
@@ -16,22 +17,24 @@ Left out: other operations, longer numbers, tokenizing (`python data.py prepare`
 """
 
 import argparse
-import json
 import os
 import random
 
 import cli
 from cli import check_writable
 
+# per operation and language: a word problem, words, and the two symbol forms people type
 EN_TEMPLATES = {
     "+": ["{name} has {a} {item}s and gets {b} more. How many {item}s does {name} have now?",
-          "What is {a} plus {b}?"],
+          "What is {a} plus {b}?", "What is {a} + {b}?", "{a} + {b}"],
     "-": ["{name} has {a} {item}s and gives away {b}. How many {item}s are left?",
-          "What is {a} minus {b}?"],
+          "What is {a} minus {b}?", "What is {a} - {b}?", "{a} - {b}"],
 }
 ZH_TEMPLATES = {
-    "+": ["{name}有{a}个{item}，又得到{b}个。{name}现在有多少个{item}？", "{a}加{b}等于多少？"],
-    "-": ["{name}有{a}个{item}，送出了{b}个。还剩多少个{item}？", "{a}减{b}等于多少？"],
+    "+": ["{name}有{a}个{item}，又得到{b}个。{name}现在有多少个{item}？", "{a}加{b}等于多少？",
+          "{a} + {b}等于多少？", "计算{a} + {b}"],
+    "-": ["{name}有{a}个{item}，送出了{b}个。还剩多少个{item}？", "{a}减{b}等于多少？",
+          "{a} - {b}等于多少？", "计算{a} - {b}"],
 }
 EN_NAMES, EN_ITEMS = ["Tom", "Anna", "Li Lei", "Sara"], ["apple", "book", "pen", "coin"]
 ZH_NAMES, ZH_ITEMS = ["小明", "小红", "李雷", "王芳"], ["苹果", "书", "笔", "硬币"]
@@ -154,15 +157,7 @@ def main():
     task = ArithmeticTask(args.seed)
     for kind, split, n in [(k, "train", args.n) for k in ("seq", "sft", "dpo", "grpo")] + [("grpo", "eval", N_EVAL)]:
         name = os.path.join(args.out, f"{kind if split == 'train' else 'eval'}.jsonl")
-        tmp = f"{name}.tmp{os.getpid()}"  # renamed when complete: a failed run never leaves half a file
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for rec in task.records(kind, n, split):
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            os.replace(tmp, name)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        cli.write_jsonl(name, task.records(kind, n, split))
         print(f"wrote {name}")
 
 

@@ -85,6 +85,22 @@ def test_task_answers_are_right_by_arithmetic():
     assert not train_q & {r["messages"][0]["content"] for r in task.records("grpo", 100, split="eval")}
 
 
+def test_task_asks_in_the_symbol_forms_people_type():
+    """"What is 23 + 48?" and "23 + 48" (and their Chinese forms) appear among the questions, each
+    answered by the working of that very problem in the question's language."""
+    import re
+    forms = {r"What is (\d+) ([-+]) (\d+)\?": False, r"(\d+) ([-+]) (\d+)": False,
+             r"(\d+) ([-+]) (\d+)等于多少？": True, r"计算(\d+) ([-+]) (\d+)": True}
+    seen = dict.fromkeys(forms, 0)
+    for r in ArithmeticTask(0).records("sft", 1000):
+        q, reply = r["messages"][0]["content"], r["messages"][1]["content"]
+        for form, zh in forms.items():
+            if m := re.fullmatch(form, q):
+                seen[form] += 1
+                assert reply.startswith(f"{m[1]} {m[2]} {m[3]}: ") and ("答案是" in reply) == zh, (q, reply)
+    assert all(n >= 80 for n in seen.values()), seen  # 1 in 8 of 1,000 each expected (125)
+
+
 def test_task_cli_writes_one_jsonl_per_stage(tmp_path):
     r = subprocess.run([sys.executable, "task.py", "--out", str(tmp_path), "--n", "7", "--seed", "3"],
                        capture_output=True, text=True, cwd=os.path.dirname(task_lib.__file__))

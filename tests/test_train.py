@@ -92,7 +92,8 @@ def grpo_run(d, tok, *flags, autocast=None):
     model = train.build_model(args, tok, cpu)
     rollouts = train.build_source(args, model, tok, train.build_strategy(args, model, cpu), cpu,
                                   autocast or contextlib.nullcontext(), rank=0)
-    rollouts.reward = lambda p, c, a: sum(t % 2 == 0 for t in c) / max(len(c), 1)
+    rollouts.reward = lambda prompts, completions, answers: [sum(t % 2 == 0 for t in c) / max(len(c), 1)
+                                                             for c in completions]
     return rollouts, data.collate_grpo([data.load_dataset(str(d / "grpo.h5"), "grpo", 64)[i] for i in range(2)])
 
 
@@ -690,8 +691,12 @@ def test_reward_model_as_the_grpo_reward(files, tmp_path, form):
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[0, len(prompt):] = True
     with torch.no_grad():
-        assert score(prompt, completion, "5") == pytest.approx(float(rm(ids, mask)[0]))
-    assert score(prompt, completion, "5") != score(prompt, tok.encode("no idea"), "5")
+        alone = float(rm(ids, mask)[0])
+    wrong = tok.encode("no idea")
+    # batched with right padding: each row scores as it does alone; an empty completion gets 0
+    batch = score([prompt, tok.encode("1 + 1?"), prompt], [completion, wrong, []], ["5", "2", "5"])
+    assert batch[0] == pytest.approx(alone, abs=1e-5) and batch[2] == 0.0
+    assert batch[0] != score([prompt], [wrong], ["5"])[0]
     other = "head" if form == "likelihood" else "likelihood"
     r = run_cli("--type", "rm", "--data", d / "dpo.h5", "--model", tmp_path / "rm", "--out", tmp_path / "rm2",
                 "--steps", 1, "--rm-reward", other, *SMALL)
