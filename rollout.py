@@ -56,17 +56,23 @@ def reward_model_reward(path, device, batch_size: int = 64):
         rows = [i for i, c in enumerate(completions) if c]
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            T = max(len(prompts[i]) + len(completions[i]) for i in chunk)
-            ids = torch.zeros(len(chunk), T, dtype=torch.long)
-            mask = torch.zeros(len(chunk), T, dtype=torch.bool)
-            for r, i in enumerate(chunk):
-                p, c = prompts[i], completions[i]
-                ids[r, :len(p) + len(c)] = torch.tensor(p + c)
-                mask[r, len(p):len(p) + len(c)] = True
+            ids, mask = right_pad([prompts[i] for i in chunk], [completions[i] for i in chunk])
             for i, x in zip(chunk, rm(ids.to(device), mask.to(device)).tolist()):
                 rewards[i] = x
         return rewards
     return scores
+
+
+def right_pad(prompts: list, completions: list, pad_id: int = 0):
+    """ids, mask (B, T): row b holds prompt b then completion b, then pad_id to the longest row; mask
+    marks completion b's tokens."""
+    T = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        ids[b, :len(p) + len(c)] = torch.tensor(p + c)
+        mask[b, len(p):len(p) + len(c)] = True
+    return ids, mask
 
 
 # -----------------------------------------------------------------------------
@@ -131,13 +137,11 @@ class Rollouts:
         choices = self.sample(batch["prompts"], c.temperature, seeds)
         prompts = [p for p in batch["prompts"] for _ in range(G)]
         answers = [a for a in batch["answers"] for _ in range(G)]
-        rewards = torch.tensor(self.reward(prompts, [ch.token_ids for ch in choices], answers))
-        T = max(len(p) + len(ch.token_ids) for p, ch in zip(prompts, choices))
-        ids = torch.full((len(prompts), T), self.tok.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids, dtype=torch.bool)
-        for i, (p, ch) in enumerate(zip(prompts, choices)):
-            ids[i, :len(p) + len(ch.token_ids)] = torch.tensor(p + ch.token_ids)
-            mask[i, len(p):len(p) + len(ch.token_ids)] = not (c.mask_truncated and ch.finish_reason == "length")
+        completions = [ch.token_ids for ch in choices]
+        rewards = torch.tensor(self.reward(prompts, completions, answers))
+        ids, mask = right_pad(prompts, completions, self.tok.pad_id)
+        if c.mask_truncated:  # DAPO: a completion cut at max_new_tokens is not trained on
+            mask[[i for i, ch in enumerate(choices) if ch.finish_reason == "length"]] = False
         ids, mask = ids.to(self.device), mask.to(self.device)
         out = {"input_ids": ids, "completion_mask": mask, "rewards": rewards.to(self.device)}
         if c.mu > 1:  # with one pass the loss takes the sampler's log-probs from its own forward: one forward saved
