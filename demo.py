@@ -43,8 +43,8 @@ STAGES = [
                                                     "--warmup", "5", "--beta", "0.1"]),
     # GRPO twice from DPO's model: rewarded by the reward model, then by exact match (last, so that
     # `python server.py`, which serves the newest run, serves it)
-    ("demo-5-grpo-rm", "grpo", "grpo", "demo-4-dpo", 20, GRPO_FLAGS + ["--reward-model", "demo-3-rm"]),
-    ("demo-6-grpo", "grpo", "grpo", "demo-4-dpo", 20, GRPO_FLAGS),
+    ("demo-5-grpo-rm", "grpo", "grpo", "demo-4-dpo", 12, GRPO_FLAGS + ["--reward-model", "demo-3-rm"]),
+    ("demo-6-grpo", "grpo", "grpo", "demo-4-dpo", 12, GRPO_FLAGS),
 ]
 
 

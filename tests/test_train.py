@@ -439,7 +439,7 @@ def test_default_run_learns(tmp_path, capsys, all_cores):
     256 held-out problems. The pretrained model answers a few percent of the problems asked as a chat
     (0.4-4.3% after the full run's pretraining, three seeds), so SFT, which teaches the format, must
     add 5 points; the reward model must beat chance (50%, standard error 3.1 points on 256 pairs) by
-    15 points. GRPO's 8 steps at this scale need not raise its reward (sampled on 16 prompts a step,
+    15 points. GRPO's 4 steps at this scale need not raise its reward (sampled on 16 prompts a step,
     one step's mean is noise: README, Measured), so only its plumbing is asserted.
     """
     import checkpoint
