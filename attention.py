@@ -43,9 +43,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if HAS_RMS_NORM:  # torch's fused kernel: the same formula, one op instead of six
-            return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return self.reference(x)
+        if not HAS_RMS_NORM:
+            return self.reference(x)
+        if x.dtype == self.weight.dtype == torch.float32:  # one call (the weight inside): fewer ops per layer
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # torch's fused kernel, the same formula; HF's order for 16-bit x: normalise in fp32, cast, then scale
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -125,7 +128,8 @@ def rope_frequencies(dim: int, theta: float, scaling: Optional[dict],
 
 
 class RotaryEmbedding(nn.Module):
-    """Turns position ids (B, T) into fp32 cos, sin of shape (B, T, dim)."""
+    """Turns position ids (B, T) into cos, sin of shape (B, T, 1, dim): computed in fp32, then cast to
+    the activations' dtype (as HF does), once per forward for every layer; the 1 broadcasts over heads."""
 
     def __init__(self, dim: int, theta: float, scaling: Optional[dict], max_position_embeddings: int):
         super().__init__()
@@ -135,7 +139,7 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_scaling = rope_frequencies(dim, theta, scaling, max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions: torch.Tensor):
+    def forward(self, positions: torch.Tensor, dtype=torch.float32):
         inv_freq = self.inv_freq
         if self.dynamic:
             # Stateless version of transformers' dynamic update: the scale follows
@@ -146,9 +150,9 @@ class RotaryEmbedding(nn.Module):
                 inv_freq, _ = rope_frequencies(self.dim, self.theta, self.scaling,
                                                self.max_position_embeddings, seq_len)
                 inv_freq = inv_freq.to(positions.device)
-        freqs = positions[..., None].float() * inv_freq.float()  # (B, T, dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, dim)
-        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        freqs = positions[..., None, None].float() * inv_freq.float()  # (B, T, 1, dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, 1, dim)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -157,8 +161,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, heads, T, d) rotated by cos/sin (B, T, d); math in the dtype of x like HF."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, d)
+    """x (B, T, heads, d) rotated by cos/sin (B, T, 1, d), in their dtype (RotaryEmbedding)."""
     return x * cos + rotate_half(x) * sin
 
 
@@ -214,6 +217,7 @@ class KVBatch:
         # which keys each query sees, built once for every layer: key j iff j <= the query's position
         key_pos = torch.arange(self.blocks.shape[1] * self.cache.block_size, device=self.positions.device)
         self.visible = (key_pos[None, None, :] <= self.positions[:, :, None])[:, None]  # (B, 1, T, S)
+        self.slots, self.block_ids = self.write.flatten(), self.blocks.flatten()  # (B*T,), (B*n,): every layer's
 
     @classmethod
     def from_tables(cls, cache: "PagedKVCache", positions: torch.Tensor, tables: list) -> "KVBatch":
@@ -231,9 +235,9 @@ class KVBatch:
         the blocks in place; here each row's blocks are copied out whole, then SDPA runs)."""
         out, (B, n), bs = [], self.blocks.shape, self.cache.block_size
         for buf, x in zip(self.cache.layers[layer], new):
-            buf.index_copy_(0, self.write.flatten(), x.flatten(0, 1).to(buf.dtype))
+            buf.index_copy_(0, self.slots, x.flatten(0, 1).to(buf.dtype))
             by_block = buf.view(-1, bs, *buf.shape[1:])  # (num_blocks, block_size, ...)
-            out.append(by_block.index_select(0, self.blocks.flatten()).view(B, n * bs, *buf.shape[1:]))
+            out.append(by_block.index_select(0, self.block_ids).view(B, n * bs, *buf.shape[1:]))
         return out
 
 
@@ -305,31 +309,38 @@ class GQA(nn.Module):
 
     @staticmethod
     def cache_shapes(cfg):
-        return [(cfg.num_key_value_heads, cfg.head_dim)] * 2
+        return [(2, cfg.num_key_value_heads, cfg.head_dim)]  # a token's k and v side by side: one write, one read
 
     def forward(self, x, cos, sin, kv=None, layer=0):
-        """x (B, T, C); kv: the KVBatch of a cached forward (None: training, causal over each row)."""
+        """x (B, T, C); kv: the KVBatch of a cached forward (None: training, causal over each row).
+        Heads stay token-major, (B, T, heads, D), the layout of the projections and of the cache, until attend."""
+        B, T, _ = x.shape
+        q, k, v, gate = self._project(x)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            (kv_all,) = kv.store_and_gather(layer, torch.stack((k, v), dim=2))  # (B, T, 2, Hkv, D) in, (B, S, 2, Hkv, D) out
+            k, v = kv_all[:, :, 0], kv_all[:, :, 1]
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 1.0 / math.sqrt(self.D),
+                     None if kv is None else kv.visible, self.impl)  # (B, H, T, D)
+        out = out.transpose(1, 2)  # (B, T, H, D)
+        if self.gated:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out.reshape(B, T, -1))
+
+    def _project(self, x):
+        """q (B, T, H, D), k and v (B, T, Hkv, D), and the gate (B, T, H, D) of gated attention (else None)."""
         B, T, _ = x.shape
         if hasattr(self, "qkv_proj"):  # fused for inference (Transformer.fuse_projections)
             q, k, v = self.qkv_proj(x).split([self.q_proj_out, self.Hkv * self.D, self.Hkv * self.D], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.H, -1)  # (B, T, H, D) or (B, T, H, 2D) gated
+        q, gate = q.view(B, T, self.H, -1), None  # (B, T, H, D) or (B, T, H, 2D) gated
         if self.gated:
             q, gate = q.chunk(2, dim=-1)  # each (B, T, H, D)
         k, v = k.view(B, T, self.Hkv, self.D), v.view(B, T, self.Hkv, self.D)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:  # token-major in the cache: (B, T, Hkv, D) in, (B, S, Hkv, D) out
-            k, v = kv.store_and_gather(layer, k.transpose(1, 2), v.transpose(1, 2))
-            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, S, D)
-        out = attend(q, k, v, 1.0 / math.sqrt(self.D), None if kv is None else kv.visible, self.impl)  # (B, H, T, D)
-        out = out.transpose(1, 2)  # (B, T, H, D)
-        if self.gated:
-            out = out * torch.sigmoid(gate)
-        return self.o_proj(out.reshape(B, T, -1))
+        return q, k, v, gate
 
 
 # -----------------------------------------------------------------------------
@@ -381,12 +392,11 @@ class MLA(nn.Module):
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(B, T, self.H, self.Dn + self.Dr).transpose(1, 2)  # (B, H, T, Dn+Dr)
-        q_nope, q_rope = q.split([self.Dn, self.Dr], dim=-1)
-        q_rope = apply_rope(q_rope, cos, sin)
+        q_nope, q_rope = q.view(B, T, self.H, self.Dn + self.Dr).split([self.Dn, self.Dr], dim=-1)
+        q_nope, q_rope = q_nope.transpose(1, 2), apply_rope(q_rope, cos, sin).transpose(1, 2)  # (B, H, T, Dn | Dr)
         c, k_rope = self.kv_a_proj_with_mqa(x).split([self.R, self.Dr], dim=-1)  # (B, T, R), (B, T, Dr)
         c = self.kv_a_layernorm(c)
-        k_rope = apply_rope(k_rope[:, None], cos, sin)[:, 0]  # one rotated key for all heads: (B, T, Dr)
+        k_rope = apply_rope(k_rope[:, :, None], cos, sin)[:, :, 0]  # one rotated key for all heads: (B, T, Dr)
         if kv is not None:
             c, k_rope = kv.store_and_gather(layer, c, k_rope)  # (B, S, R), (B, S, Dr)
         absorb = self.absorb if self.absorb is not None else kv is not None

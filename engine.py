@@ -154,10 +154,11 @@ class InferenceEngine:
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, quantize=None, **kwargs):
         """Model (with its generation_config.json) and tokenizer from one model directory (or a LoRA adapter
-        directory: its adapter merged into the base's weights), made ready for decoding: q/k/v and gate/up fused (Transformer.fuse_projections), weights quantized if asked
-        ("int8" | "int4", quant.py). dtype: a torch dtype; "auto" (the CLIs' default; quant.pick_dtype:
-        bf16 where the hardware computes it natively and faster); None: float32 on CPU (reproducible
-        figures), the checkpoint's own elsewhere.
+        directory: its adapter merged into the base's weights), made ready for decoding: q/k/v and gate/up fused
+        (Transformer.fuse_projections), weights quantized if asked ("int8" | "int4", quant.py), the fp32
+        weights left multiplied by oneDNN (quant.use_onednn). dtype: a torch dtype; "auto" (the CLIs' default;
+        quant.pick_dtype: bf16 where the hardware computes it natively and faster); None: float32 on CPU
+        (reproducible figures), the checkpoint's own elsewhere.
         Loading runs on one thread (one_thread), which keeps the engine thread's decoding fast."""
         import tokenizer as tokenizer_module
         from model import Transformer
@@ -172,6 +173,7 @@ class InferenceEngine:
             model = lora.merge(Transformer.from_pretrained(path, device=device, dtype=dtype)).fuse_projections()
             if quantize:
                 quant.quantize(model, quantize)
+            quant.use_onednn(model)  # the fp32 Linears left (all of them, unless quantized): oneDNN's matmul
             engine = cls(model, tokenizer_module.load(lora.tokenizer_dir(path)), **kwargs)
         engine.dtype_reason = reason
         return engine

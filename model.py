@@ -344,7 +344,7 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         positions = kv.positions if kv is not None else torch.arange(T, device=input_ids.device).expand(B, T)
-        cos, sin = self.model.rotary_emb(positions)
+        cos, sin = self.model.rotary_emb(positions, self.dtype)  # (B, T, 1, rotary dim)
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, kv, i)

@@ -115,6 +115,36 @@ def test_fused_projections_give_the_same_logits_and_save_hf_names(tmp_path):
             assert torch.equal(back.state_dict()[k], v), k
 
 
+@pytest.mark.skipif(not quant.HAS_ONEDNN, reason="this torch has no oneDNN matmul")
+@pytest.mark.parametrize("bias", [False, True])
+def test_onednn_linear_equals_f_linear_on_the_same_parameters(bias):
+    lin = linear(96, 64, bias)
+    layer = quant.OneDNNLinear(lin)
+    assert layer.weight is lin.weight and layer.bias is lin.bias  # shared, not copied
+    with torch.inference_mode():
+        for x in (torch.randn(1, 1, 64), torch.randn(3, 5, 64), torch.randn(5, 3, 64).transpose(0, 1)):
+            torch.testing.assert_close(layer(x), layer.reference(x), atol=1e-5, rtol=1e-5)
+            assert layer(x).shape == (*x.shape[:-1], 96)
+
+
+@pytest.mark.skipif(not quant.HAS_ONEDNN, reason="this torch has no oneDNN matmul")
+def test_use_onednn_keeps_names_ties_and_logits(tmp_path):
+    torch.manual_seed(0)
+    m = Transformer(dataclasses.replace(PRESETS["tiny"], num_hidden_layers=2)).eval()
+    fast = quant.use_onednn(copy.deepcopy(m).fuse_projections())
+    assert type(fast.lm_head) is quant.OneDNNLinear and fast.lm_head.weight is fast.model.embed_tokens.weight
+    assert not any(type(mod) is nn.Linear for mod in fast.modules())
+    ids = torch.randint(0, 4096, (2, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(ids), m(ids), atol=1e-5, rtol=1e-5)
+    fast.save_pretrained(tmp_path)
+    back = Transformer.from_pretrained(tmp_path)
+    for k, v in m.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    bf16 = quant.use_onednn(copy.deepcopy(m).to(torch.bfloat16))  # bf16 F.linear is oneDNN's already
+    assert type(bf16.lm_head) is nn.Linear
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     rng = random.Random(0)
@@ -129,12 +159,12 @@ def model_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind", ["int8", "int4", None])
 def test_engine_on_quantized_weights_equals_the_reference_path(model_dir, kind):
-    """The quantized model through the engine (paged cache, fused, batched) and through the plain no-cache
-    forward give the same greedy tokens."""
+    """The quantized (or fp32, oneDNN) model through the engine (paged cache, fused, batched) and through the
+    plain no-cache forward give the same greedy tokens."""
     with InferenceEngine.from_pretrained(model_dir, quantize=kind, max_batch_size=3, max_seq_len=96) as engine:
-        assert engine.model.quantized == kind and f"weights {kind}" in engine.describe()
+        assert getattr(engine.model, "quantized", None) == kind and f"weights {kind or 'float32'}" in engine.describe()
         prompts = [[5, 17, 33, 2], [9] * 7, list(range(40, 52))]
         got = [r.token_ids for r in engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0,
                                                                             ignore_eos=True))]
