@@ -315,8 +315,7 @@ class GQA(nn.Module):
         """x (B, T, C); kv: the KVBatch of a cached forward (None: training, causal over each row).
         Heads stay token-major, (B, T, heads, D), the layout of the projections and of the cache, until attend."""
         B, T, _ = x.shape
-        q, k, v, gate = self._project(x)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v, gate = self._rotated(x, cos, sin)
         if kv is not None:
             (kv_all,) = kv.store_and_gather(layer, torch.stack((k, v), dim=2))  # (B, T, 2, Hkv, D) in, (B, S, 2, Hkv, D) out
             k, v = kv_all[:, :, 0], kv_all[:, :, 1]
@@ -326,6 +325,18 @@ class GQA(nn.Module):
         if self.gated:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out.reshape(B, T, -1))
+
+    def _rotated(self, x, cos, sin):
+        """_project, then RoPE on q and k."""
+        if hasattr(self, "qkv_proj") and not (self.gated or self.qk_norm):
+            # fused (Transformer.fuse_projections): q and k heads lie side by side, so one rotation does both
+            B, T, _ = x.shape
+            H, Hkv = self.H, self.Hkv
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.D)
+            qk = apply_rope(qkv[:, :, :H + Hkv], cos, sin)
+            return qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:], None
+        q, k, v, gate = self._project(x)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, gate
 
     def _project(self, x):
         """q (B, T, H, D), k and v (B, T, Hkv, D), and the gate (B, T, H, D) of gated attention (else None)."""

@@ -96,7 +96,8 @@ def test_quantized_model_stays_close_and_cannot_be_saved_as_float(tmp_path):
 def test_fused_projections_give_the_same_logits_and_save_hf_names(tmp_path):
     torch.manual_seed(0)
     for cfg in (dataclasses.replace(PRESETS["tiny"], qkv_bias=True, gated_attention=True, num_hidden_layers=2),
-                dataclasses.replace(PRESETS["tiny"], qk_norm=True, num_hidden_layers=2)):
+                dataclasses.replace(PRESETS["tiny"], qk_norm=True, num_hidden_layers=2),
+                dataclasses.replace(PRESETS["tiny"], qkv_bias=True, num_hidden_layers=2)):  # q, k rotated as one
         m = Transformer(cfg).eval()
         ids = torch.randint(0, cfg.vocab_size, (2, 10))
         n_params = sum(p.numel() for p in m.parameters())
