@@ -1,4 +1,4 @@
-"""Weight-only quantization for decoding: int8 per output channel, int4 per group of 32 inputs.
+"""Weights for decoding: int8 per output channel, int4 per group of 32 inputs, fp32 through oneDNN.
 
 Decoding one token reads every weight once, so at small batch it is memory-bound: its speed is
 (memory bandwidth) / (bytes of weights per token). Storing weights in 8 or 4 bits reads 4 or 8x
@@ -23,9 +23,13 @@ kv_b_proj stays in float (the absorbed decode path reads its weight directly). I
 expert's projections are Linears and are quantized; the router (moe.Router) is no Linear and stays
 float: its top-k is a discrete choice that rounding would flip.
 
+Weights left in fp32 (all of them when nothing is quantized) go through oneDNN's matmul on a CPU
+(`use_onednn`), the same product as F.linear, which is `OneDNNLinear.reference`.
+
 Left out: activation quantization (W8A8), GPTQ / AWQ calibration, the CUDA int4 layout.
 
     model = quantize(Transformer.from_pretrained(path), "int8")     # in place; returns the model
+    model = use_onednn(Transformer.from_pretrained(path).eval())      # fp32 Linears on oneDNN
 """
 
 import time
@@ -65,9 +69,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N) in x's dtype."""
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
-                                               self.qweight, self.scales)
-        return _finish(y, x, self.bias, self.out_features)
+        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qweight, self.scales)
+        return _finish(y, x, self.bias)
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]  # (N, K)
@@ -114,9 +117,9 @@ class Int4Linear(nn.Module):
         return cls(*quantize_int4(linear.weight), _frozen(linear.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16),
-                                                       self.packed, GROUP, self.scales_and_zeros)
-        return _finish(y, x, self.bias, self.out_features)
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed, GROUP,
+                                              self.scales_and_zeros)
+        return _finish(y, x, self.bias)
 
 
 def dequantize_int4(q, scales_and_zeros) -> torch.Tensor:
@@ -147,8 +150,8 @@ class Int8Embedding(nn.Module):
 # fp32 weights, through oneDNN
 
 # torch.compile's CPU backend calls this oneDNN matmul for Linears; eager F.linear in fp32 calls the BLAS
-# library torch was built with, which on some CPUs reads a weight at half the speed at small batch
-# (README, "Fast decoding on a CPU"). bf16 F.linear already runs on oneDNN.
+# library torch was built with, which on some CPUs reads a weight markedly slower at small batch (README,
+# "Fast decoding on a CPU"). bf16 F.linear already runs on oneDNN.
 HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -262,7 +265,8 @@ def _float(bias):
     return None if bias is None else bias.float()
 
 
-def _finish(y, x, bias, n):
-    """The kernel's (M, N) bf16 output as (..., N) in x's dtype, plus the bias."""
-    y = y.view(*x.shape[:-1], n).to(x.dtype)
+def _finish(y, x, bias):
+    """The kernel's (M, N) bf16 output as (..., N) in x's dtype, plus the bias. (On the decode path of every
+    layer: the kernels above are called through torch._weight_*, cheaper to call than torch.ops.aten's.)"""
+    y = y.view(x.shape[:-1] + y.shape[1:]).to(x.dtype)
     return y if bias is None else y + bias.to(x.dtype)
