@@ -279,9 +279,11 @@ def _seconds(fn):
     return time.perf_counter() - t
 
 
-def _engine_runs(model_dir, formats, batches, prompts, P, N, repeats, device):
+def _engine_runs(model_dir, formats, batches, prompts, P, N, repeats, device, llama=None):
     """Per weight format: its engine's weight bytes, batch-1 decode tokens/s and generate() tokens/s
-    (prompt included) at each batch size, with the greedy tokens of the largest batch."""
+    (prompt included) at each batch size, with the greedy tokens of the largest batch. llama(kind), if
+    given, is llama.cpp's decode rate on the nearest format: measured right after ours, round by round, so
+    that both see the same state of a machine whose speed drifts."""
     import torch
 
     import quant
@@ -289,12 +291,15 @@ def _engine_runs(model_dir, formats, batches, prompts, P, N, repeats, device):
     params = lambda n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
     out = {}
     for name in formats:
-        dtype, kind, _ = FORMATS[name]
+        dtype, kind, theirs = FORMATS[name]
         with InferenceEngine.from_pretrained(model_dir, device=device, dtype=dtype if dtype == "auto" else
                                              getattr(torch, dtype), quantize=kind, max_batch_size=max(batches),
                                              max_seq_len=P + N + 1, max_prefill_tokens=2048) as engine:
-            run = {"bytes": quant.weight_bytes(engine.model), "line": engine.describe(),
-                   "decode": _decode_rate(lambda n: engine.generate(prompts[:1], params(n)), N, repeats)}
+            run = {"bytes": quant.weight_bytes(engine.model), "line": engine.describe(), "decode": 0, "llama": 0}
+            for _ in range(repeats):
+                run["decode"] = max(run["decode"], _decode_rate(lambda n: engine.generate(prompts[:1], params(n)), N, 1))
+                if llama:
+                    run["llama"] = max(run["llama"], llama(theirs))
             for B in batches:
                 engine.generate(prompts[:B], params(4))
                 t = min(_seconds(lambda: engine.generate(prompts[:B], params(N))) for _ in range(repeats))
@@ -304,55 +309,70 @@ def _engine_runs(model_dir, formats, batches, prompts, P, N, repeats, device):
     return out
 
 
-def _llama_cpp_rates(llama_dir, model_dir, kinds, P, N, repeats):
-    """llama.cpp's batch-1 decode tokens/s per GGUF kind, on the same weights: converted by its own
-    convert_hf_to_gguf.py (f32 / bf16 / q8_0; q4_1 quantized from f32 by llama_model_quantize). Our
-    tokenizer's pre-tokenizer is Qwen2's regex, which is what the converter is told."""
-    import ctypes
+# llama.cpp runs in a child process: in ours its OpenMP threads would make a second pool beside the engine
+# thread's (engine.one_thread says what that costs), and ours would no longer come first.
+LLAMA_DECODE = """
+import os, sys, time
+import llama_cpp
+path, P, N = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+# n_batch=1: llama.cpp's AMX prompt kernels crash (SIGILL) on some VMs for quantized types
+llm = llama_cpp.Llama(path, n_ctx=P + N + 8, n_threads=os.cpu_count(), n_batch=1, logits_all=True, verbose=False)
+prompt = list(range(300, 300 + P))
+def generate(n):
+    llm.reset()
+    llm.eval(prompt)
+    for _ in range(n - 1):
+        llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+def seconds(n):
+    t = time.perf_counter()
+    generate(n)
+    return time.perf_counter() - t
+generate(2)
+print(N / (seconds(N + 1) - seconds(1)))
+"""
+LLAMA_QUANTIZE = """
+import ctypes, os, sys
+import llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype, p.nthread = getattr(llama_cpp, sys.argv[3]), os.cpu_count()
+assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)) == 0
+"""
+# Our tokenizer's pre-tokenizer is Qwen2's regex, which is what the converter is told.
+LLAMA_CONVERT = """
+import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/gguf-py']
+import conversion.base as base, conversion.llama as llama, convert_hf_to_gguf
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'qwen2'
+llama.LlamaModel.set_vocab = base.TextModel._set_vocab_gpt2
+sys.argv = ['convert', sys.argv[2], '--outtype', sys.argv[3], '--outfile', sys.argv[4]]
+convert_hf_to_gguf.main()
+"""
 
-    import llama_cpp
-    convert = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/gguf-py']\n"
-               "import conversion.base as base, conversion.llama as llama, convert_hf_to_gguf\n"
-               "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'qwen2'\n"
-               "llama.LlamaModel.set_vocab = base.TextModel._set_vocab_gpt2\n"
-               "sys.argv = ['convert', sys.argv[2], '--outtype', sys.argv[3], '--outfile', sys.argv[4]]\n"
-               "convert_hf_to_gguf.main()\n")
-    rates = {}
+
+def _llama_cpp(llama_dir, model_dir, kinds, P, N):
+    """llama.cpp's batch-1 decode rate, a function of the GGUF kind, on the same weights: converted once by
+    its own convert_hf_to_gguf.py (f32 / bf16 / q8_0; q4_1 quantized from f32 by llama_model_quantize)."""
+    paths = {}
     for kind in kinds:
         if kind == "q4_1":
-            p = llama_cpp.llama_model_quantize_default_params()
-            p.ftype, p.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, os.cpu_count()
-            src, path = _gguf(convert, llama_dir, model_dir, "f32"), os.path.join(model_dir, "model-q4_1.gguf")
-            assert llama_cpp.llama_model_quantize(src.encode(), path.encode(), ctypes.byref(p)) == 0
+            paths[kind] = os.path.join(model_dir, "model-q4_1.gguf")
+            _child(LLAMA_QUANTIZE, _gguf(llama_dir, model_dir, "f32"), paths[kind], "LLAMA_FTYPE_MOSTLY_Q4_1")
         else:
-            path = _gguf(convert, llama_dir, model_dir, kind)
-        rates[kind] = _llama_decode(path, P, N, repeats)
-    return rates
+            paths[kind] = _gguf(llama_dir, model_dir, kind)
+    return lambda kind: float(_child(LLAMA_DECODE, paths[kind], P, N).split()[-1])
 
 
-def _llama_decode(path, P, N, repeats):
-    import llama_cpp
-    # n_batch=1: llama.cpp's AMX prompt kernels crash (SIGILL) on some VMs for quantized types
-    llm = llama_cpp.Llama(path, n_ctx=P + N + 8, n_threads=os.cpu_count(), n_batch=1, logits_all=True, verbose=False)
-    prompt = list(range(300, 300 + P))
-
-    def generate(n):
-        llm.reset()
-        llm.eval(prompt)
-        for _ in range(n - 1):
-            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
-    return _decode_rate(generate, N, repeats)
-
-
-def _gguf(convert, llama_dir, model_dir, kind):
-    """model_dir converted to GGUF `kind` by llama.cpp's converter (once); its path."""
+def _child(script, *args) -> str:
     import subprocess
     import sys
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def _gguf(llama_dir, model_dir, kind):
+    """model_dir converted to GGUF `kind` by llama.cpp's converter (once); its path."""
     out = os.path.join(model_dir, f"model-{kind}.gguf")
-    if os.path.isfile(out):
-        return out
-    subprocess.run([sys.executable, "-c", convert, llama_dir, model_dir, kind, out], check=True,
-                   capture_output=True)
+    if not os.path.isfile(out):
+        _child(LLAMA_CONVERT, llama_dir, model_dir, kind, out)
     return out
 
 
@@ -368,7 +388,8 @@ def bench_engine(args):
     """The engine's decode rate per weight format against llama.cpp on the same weights (batch 1) and
     against the bandwidth limit; generate() throughput at each batch size against transformers' generate
     (fp32, prefill included). Then GRPO-style sampling with and without shared prompts, and the KV memory
-    of 16 chats. Ours runs first: transformers and llama.cpp then use the main thread's pool."""
+    of 16 chats. Ours runs before transformers, which then makes the main thread an OpenMP pool of its own;
+    llama.cpp runs in child processes, each round right after ours."""
     import torch
     import transformers
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -381,13 +402,13 @@ def bench_engine(args):
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         tok.save(d)
-        ours = _engine_runs(d, formats, batches, prompts, P, N, args.repeats, device)
-        theirs = _transformers_rates(d, device, batches, prompts, N, tok, args.repeats)
         llama = _llama_cpp_or_none(args, d, [FORMATS[f][2] for f in formats], P, N)
+        ours = _engine_runs(d, formats, batches, prompts, P, N, args.repeats, device, llama)
+        theirs = _transformers_rates(d, device, batches, prompts, N, tok, args.repeats)
     bandwidth = _bandwidth() if device.type == "cpu" else None
     title = (f"{args.shape} ({model.num_params() / 1e6:.1f}M params, {device}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}, transformers {transformers.__version__})")
-    _print_decode(title, ours, llama, bandwidth, P, N, args.repeats)
+    _print_decode(title, ours, bandwidth, P, N, args.repeats)
     _print_throughput(title, ours, theirs, batches, P, N)
     _bench_grpo_sampling(model, tok, special)
     _bench_kv_memory(model, tok, special)
@@ -424,16 +445,16 @@ def _llama_cpp_or_none(args, model_dir, kinds, P, N):
               "e.g. vendor/llama.cpp in the llama-cpp-python sdist (pip download --no-binary :all: --no-deps "
               "llama-cpp-python)")
         return None
-    return _llama_cpp_rates(args.llama_cpp, model_dir, kinds, P, N, args.repeats)
+    return _llama_cpp(args.llama_cpp, model_dir, kinds, P, N)
 
 
-def _print_decode(title, ours, llama, bandwidth, P, N, repeats):
+def _print_decode(title, ours, bandwidth, P, N, repeats):
     """Batch-1 decode per format: tokens/s, against llama.cpp and the bandwidth limit (weight bytes per token)."""
     rows = []
     for name, run in ours.items():
         kind = FORMATS[name][2]
         limit = bandwidth / run["bytes"] if bandwidth else None
-        theirs = llama.get(kind) if llama else None
+        theirs = run["llama"]
         rows.append([name, f"{run['bytes'] / 1e6:,.0f}", f"{run['decode']:.1f}",
                      f"{kind} {theirs:.1f}" if theirs else "-", f"{run['decode'] / theirs:.2f}x" if theirs else "-",
                      f"{limit:,.0f}" if limit else "-", f"{run['decode'] / limit:.0%}" if limit else "-"])
