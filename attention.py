@@ -174,7 +174,7 @@ class PagedKVCache:
     position p sits in slot table[p // block_size] * block_size + p % block_size. Which blocks
     belong to whom is scheduler.py's business; the cache only holds the numbers.
 
-    GQA layers store k and v, each (slots, Hkv, D); MLA layers store the normalised latent
+    GQA layers store k and v side by side, (slots, 2, Hkv, D); MLA layers store the normalised latent
     (slots, R) and the rotated shared rope key (slots, Dr).
     """
 
