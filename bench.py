@@ -240,6 +240,7 @@ def add_engine_args(p):
                    "of the llama-cpp-python sdist): with llama-cpp-python installed, llama.cpp decodes the "
                    "same weights in the same run (default: $LLAMA_CPP_DIR)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--compile", action="store_true", help="the engine's decode step through torch.compile")
 
 
 SHAPE_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -279,7 +280,7 @@ def _seconds(fn):
     return time.perf_counter() - t
 
 
-def _engine_runs(model_dir, formats, batches, prompts, N, repeats, device, llama=None):
+def _engine_runs(model_dir, formats, batches, prompts, N, repeats, device, llama=None, compile=False):
     """Per weight format: its engine's weight bytes, batch-1 decode tokens/s and generate() tokens/s
     (prompt included) at each batch size, with the greedy tokens of the largest batch. llama(kind), if
     given, is llama.cpp's decode rate on the nearest format: measured right after ours, round by round, so
@@ -293,7 +294,8 @@ def _engine_runs(model_dir, formats, batches, prompts, N, repeats, device, llama
     for name in formats:
         dtype, kind, theirs = FORMATS[name]
         with InferenceEngine.from_pretrained(model_dir, device=device, dtype=dtype if dtype == "auto" else
-                                             getattr(torch, dtype), quantize=kind, max_batch_size=max(batches),
+                                             getattr(torch, dtype), quantize=kind, compile=compile,
+                                             max_batch_size=max(batches),
                                              max_seq_len=P + N + 1, max_prefill_tokens=2048) as engine:
             run = {"bytes": quant.weight_bytes(engine.model), "line": engine.describe(), "decode": 0, "llama": 0}
             for _ in range(repeats):
@@ -403,7 +405,7 @@ def bench_engine(args):
         model.save_pretrained(d)
         tok.save(d)
         llama = _llama_cpp_or_none(args, d, [FORMATS[f][2] for f in formats], P, N)
-        ours = _engine_runs(d, formats, batches, prompts, N, args.repeats, device, llama)
+        ours = _engine_runs(d, formats, batches, prompts, N, args.repeats, device, llama, args.compile)
         theirs = _transformers_rates(d, device, batches, prompts, N, tok, args.repeats)
     bandwidth = _bandwidth() if device.type == "cpu" else None
     title = (f"{args.shape} ({model.num_params() / 1e6:.1f}M params, {device}, {torch.get_num_threads()} threads, "

@@ -119,9 +119,11 @@ def model_defaults(model, tokenizer):
 
 class InferenceEngine:
     def __init__(self, model, tokenizer, max_batch_size=8, max_seq_len=None, max_prefill_tokens=512,
-                 kv_cache_gb=None, block_size=16):
+                 kv_cache_gb=None, block_size=16, compile=False):
         """max_batch_size: sequences decoded together. kv_cache_gb: the KV pool's size (pool_blocks).
-        Stops and sampling defaults come from the model's generation_config (model_defaults)."""
+        Stops and sampling defaults come from the model's generation_config (model_defaults). compile: decode
+        steps (one new token per row) run model.hidden_states through torch.compile (inductor fuses each layer's
+        small ops); each new batch-size class, 1 or more, compiles on first sight; prefill stays eager."""
         cfg = model.config
         max_seq_len = max_seq_len or cfg.max_position_embeddings
         check_sizes(cfg, tokenizer, max_batch_size, max_seq_len, max_prefill_tokens, block_size)
@@ -133,6 +135,8 @@ class InferenceEngine:
         self.cache = model.make_cache(blocks + 1, block_size)  # + block 0, the scratch block
         self.scheduler = Scheduler(BlockManager(self.cache), max_batch_size, max_prefill_tokens)
         self.stop_ids, self.sampling_defaults = model_defaults(model, tokenizer)
+        self._decode_states = torch.compile(model.hidden_states, dynamic=True) if compile else model.hidden_states
+        self.compiled = compile
         # What other threads hand the engine thread, under _cv: new sequences, a prefix-cache reset.
         self._inbox, self._forget, self._forgotten = deque(), False, threading.Event()
         self._cv = threading.Condition()
@@ -176,6 +180,8 @@ class InferenceEngine:
             quant.use_onednn(model)  # the fp32 Linears left (all of them, unless quantized): oneDNN's matmul
             engine = cls(model, tokenizer_module.load(lora.tokenizer_dir(path)), **kwargs)
         engine.dtype_reason = reason
+        if engine.compiled:  # compile the batch-1 decode step now, not on the first request
+            engine.generate([[0, 0]], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
         return engine
 
     def describe(self) -> str:
@@ -183,8 +189,9 @@ class InferenceEngine:
         m = self.model
         kind = getattr(m, "quantized", None) or str(m.dtype).removeprefix("torch.")
         why = f" ({self.dtype_reason})" if self.dtype_reason else ""
+        compiled = " | decode compiled (torch.compile)" if self.compiled else ""
         return (f"{m.config.num_hidden_layers} layers | weights {kind}: {quant.weight_bytes(m) / 1e6:,.0f} MB | "
-                f"activations {str(m.dtype).removeprefix('torch.')} on {self.device}{why} | {self.memory()}")
+                f"activations {str(m.dtype).removeprefix('torch.')} on {self.device}{why}{compiled} | {self.memory()}")
 
     def sampling_params(self, **fields) -> "SamplingParams":
         """SamplingParams of the given fields, the rest from the model's
@@ -428,7 +435,8 @@ class InferenceEngine:
         T = max(map(len, chunks))
         ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=dev)  # (B, T)
         positions = torch.tensor([s.cached for s in seqs], device=dev)[:, None] + torch.arange(T, device=dev)
-        h = self.model.hidden_states(ids, KVBatch.from_tables(self.cache, positions, [s.blocks for s in seqs]))
+        hidden_states = self._decode_states if T == 1 else self.model.hidden_states
+        h = hidden_states(ids, KVBatch.from_tables(self.cache, positions, [s.blocks for s in seqs]))
         rows = [b for b in range(len(chunks)) if want[b]]
         if not rows:
             return None  # mid-prompt chunks only: nothing to sample yet
@@ -612,13 +620,15 @@ def main():
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: bf16 where the hardware computes it natively and faster, else float32")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="8- or 4-bit weights (quant.py)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (about a minute and a half at startup on 2 cores; README)")
     args = p.parse_args()
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens must be >= 1 (got {args.max_tokens})")
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
         engine = InferenceEngine.from_pretrained(checkpoint.resolve(args.model), device=args.device, dtype=dtype,
-                                                 quantize=args.quantize, max_batch_size=1,
+                                                 quantize=args.quantize, compile=args.compile, max_batch_size=1,
                                                  max_seq_len=args.max_seq_len, kv_cache_gb=args.kv_cache_gb)
     except (OSError, ValueError, ImportError) as e:
         raise UsageError(f"cannot load --model {args.model}: {e}") from None

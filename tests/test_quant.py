@@ -172,6 +172,24 @@ def test_engine_on_quantized_weights_equals_the_reference_path(model_dir, kind):
         assert got == [generate_reference(engine.model, p, 16) for p in prompts]
 
 
+def test_compiled_decode_gives_the_eager_tokens(model_dir):
+    """--compile: decode steps through torch.compile (batch 1, then a batch of 3: two compilations), the same
+    greedy tokens as the eager engine."""
+    prompts = [[5, 17, 33, 2], [9] * 7, list(range(40, 52))]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    with InferenceEngine.from_pretrained(model_dir, max_batch_size=3, max_seq_len=96) as engine:
+        eager = [r.token_ids for r in engine.generate(prompts, params)]
+        assert eager[0] == engine.generate(prompts[:1], params)[0].token_ids
+    with InferenceEngine.from_pretrained(model_dir, quantize="int8", compile=True, max_batch_size=3,
+                                         max_seq_len=96) as engine:
+        assert "decode compiled" in engine.describe()
+        assert engine.generate(prompts[:1], params)[0].token_ids == generate_reference(engine.model, prompts[0], 12)
+        assert [r.token_ids for r in engine.generate(prompts, params)] == \
+            [generate_reference(engine.model, p, 12) for p in prompts]
+    with InferenceEngine.from_pretrained(model_dir, compile=True, max_batch_size=3, max_seq_len=96) as engine:
+        assert [r.token_ids for r in engine.generate(prompts, params)] == eager
+
+
 def test_auto_dtype_says_why_and_is_float32_without_native_bf16(model_dir, monkeypatch):
     dtype, why = quant.pick_dtype("cpu", (1, 4))
     assert dtype in (torch.float32, torch.bfloat16) and "bf16" in why
