@@ -280,7 +280,7 @@ def _seconds(fn):
     return time.perf_counter() - t
 
 
-def _engine_runs(model_dir, formats, batches, prompts, N, repeats, device, llama=None, compile=False):
+def _engine_runs(model_dir, args, formats, batches, prompts, device, llama=None):
     """Per weight format: its engine's weight bytes, batch-1 decode tokens/s and generate() tokens/s
     (prompt included) at each batch size, with the greedy tokens of the largest batch. llama(kind), if
     given, is llama.cpp's decode rate on the nearest format: measured right after ours, round by round, so
@@ -290,11 +290,11 @@ def _engine_runs(model_dir, formats, batches, prompts, N, repeats, device, llama
     import quant
     from engine import InferenceEngine, SamplingParams
     params = lambda n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
-    P, out = len(prompts[0]), {}
+    P, N, repeats, out = len(prompts[0]), args.new_tokens, args.repeats, {}
     for name in formats:
         dtype, kind, theirs = FORMATS[name]
         with InferenceEngine.from_pretrained(model_dir, device=device, dtype=dtype if dtype == "auto" else
-                                             getattr(torch, dtype), quantize=kind, compile=compile,
+                                             getattr(torch, dtype), quantize=kind, compile=args.compile,
                                              max_batch_size=max(batches),
                                              max_seq_len=P + N + 1, max_prefill_tokens=2048) as engine:
             run = {"bytes": quant.weight_bytes(engine.model), "line": engine.describe(), "decode": 0, "llama": 0}
@@ -405,7 +405,7 @@ def bench_engine(args):
         model.save_pretrained(d)
         tok.save(d)
         llama = _llama_cpp_or_none(args, d, [FORMATS[f][2] for f in formats], P, N)
-        ours = _engine_runs(d, formats, batches, prompts, N, args.repeats, device, llama, args.compile)
+        ours = _engine_runs(d, args, formats, batches, prompts, device, llama)
         theirs = _transformers_rates(d, device, batches, prompts, N, tok, args.repeats)
     bandwidth = _bandwidth() if device.type == "cpu" else None
     title = (f"{args.shape} ({model.num_params() / 1e6:.1f}M params, {device}, {torch.get_num_threads()} threads, "
