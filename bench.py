@@ -314,9 +314,11 @@ def _engine_runs(model_dir, args, formats, batches, prompts, device, llama=None)
 # llama.cpp runs in a child process: in ours its OpenMP threads would make a second pool beside the engine
 # thread's (engine.one_thread says what that costs), and ours would no longer come first.
 LLAMA_DECODE = """
-import os, sys, time
+import os, sys
 import llama_cpp
 path, P, N = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sys.path.insert(0, sys.argv[4])
+from bench import _decode_rate  # the same measurement as ours
 # n_batch=1: llama.cpp's AMX prompt kernels crash (SIGILL) on some VMs for quantized types
 llm = llama_cpp.Llama(path, n_ctx=P + N + 8, n_threads=os.cpu_count(), n_batch=1, logits_all=True, verbose=False)
 prompt = list(range(300, 300 + P))
@@ -325,12 +327,7 @@ def generate(n):
     llm.eval(prompt)
     for _ in range(n - 1):
         llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
-def seconds(n):
-    t = time.perf_counter()
-    generate(n)
-    return time.perf_counter() - t
-generate(2)
-print(N / (seconds(N + 1) - seconds(1)))
+print(_decode_rate(generate, N, 1))
 """
 LLAMA_QUANTIZE = """
 import ctypes, os, sys
@@ -360,7 +357,8 @@ def _llama_cpp(llama_dir, model_dir, kinds, P, N):
             _child(LLAMA_QUANTIZE, _gguf(llama_dir, model_dir, "f32"), paths[kind], "LLAMA_FTYPE_MOSTLY_Q4_1")
         else:
             paths[kind] = _gguf(llama_dir, model_dir, kind)
-    return lambda kind: float(_child(LLAMA_DECODE, paths[kind], P, N).split()[-1])
+    here = os.path.dirname(os.path.abspath(__file__))
+    return lambda kind: float(_child(LLAMA_DECODE, paths[kind], P, N, here).split()[-1])
 
 
 def _child(script, *args) -> str:
