@@ -307,6 +307,7 @@ def _engine_runs(model_dir, args, formats, batches, prompts, device, llama=None)
                 t = min(_seconds(lambda: engine.generate(prompts[:B], params(N))) for _ in range(repeats))
                 run[B] = B * N / t
             run["tokens"] = [r.token_ids for r in engine.generate(prompts[:max(batches)], params(N))]
+        torch._dynamo.reset()  # --compile: forget this engine's graphs (torch keeps at most 8 per function)
         out[name] = run
     return out
 

@@ -122,11 +122,15 @@ class InferenceEngine:
                  kv_cache_gb=None, block_size=16, compile=False):
         """max_batch_size: sequences decoded together. kv_cache_gb: the KV pool's size (pool_blocks).
         Stops and sampling defaults come from the model's generation_config (model_defaults). compile: decode
-        steps (one new token per row) run model.hidden_states through torch.compile (inductor fuses each layer's
-        small ops); each new batch-size class, 1 or more, compiles on first sight; prefill stays eager."""
+        steps (one new token per row) run the model through torch.compile (inductor fuses each layer's small ops;
+        at batch 1 the weight products too, quant.gemv); each new batch-size class, 1 or more, compiles on first
+        sight; prefill stays eager."""
         cfg = model.config
         max_seq_len = max_seq_len or cfg.max_position_embeddings
         check_sizes(cfg, tokenizer, max_batch_size, max_seq_len, max_prefill_tokens, block_size)
+        if compile and getattr(cfg, "num_experts", 0):
+            raise ValueError("--compile is not for MoE models: their routing is data-dependent, so each decode "
+                             "step would compile a new graph; run without --compile")
         self.model, self.tokenizer = model, tokenizer  # no .eval(): the caller may be training it (GRPO)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.device = next(model.parameters()).device
@@ -135,7 +139,7 @@ class InferenceEngine:
         self.cache = model.make_cache(blocks + 1, block_size)  # + block 0, the scratch block
         self.scheduler = Scheduler(BlockManager(self.cache), max_batch_size, max_prefill_tokens)
         self.stop_ids, self.sampling_defaults = model_defaults(model, tokenizer)
-        self._decode_states = torch.compile(model.hidden_states, dynamic=True) if compile else model.hidden_states
+        self._decode = torch.compile(model, dynamic=True, options=quant.COMPILE_OPTIONS) if compile else model
         self.compiled = compile
         # What other threads hand the engine thread, under _cv: new sequences, a prefix-cache reset.
         self._inbox, self._forget, self._forgotten = deque(), False, threading.Event()
@@ -159,7 +163,7 @@ class InferenceEngine:
     def from_pretrained(cls, path, device=None, dtype=None, quantize=None, **kwargs):
         """Model (with its generation_config.json) and tokenizer from one model directory (or a LoRA adapter
         directory: its adapter merged into the base's weights), made ready for decoding: q/k/v and gate/up fused
-        (Transformer.fuse_projections), weights quantized if asked ("int8" | "int4", quant.py), the fp32
+        (Transformer.fuse_projections), weights quantized if asked ("int8" | "int4", quant.py), the float
         weights left multiplied by oneDNN (quant.use_onednn). dtype: a torch dtype; "auto" (the CLIs' default;
         quant.pick_dtype: bf16 where the hardware computes it natively and faster); None: float32 on CPU
         (reproducible figures), the checkpoint's own elsewhere.
@@ -177,7 +181,7 @@ class InferenceEngine:
             model = lora.merge(Transformer.from_pretrained(path, device=device, dtype=dtype)).fuse_projections()
             if quantize:
                 quant.quantize(model, quantize)
-            quant.use_onednn(model)  # the fp32 Linears left (all of them, unless quantized): oneDNN's matmul
+            quant.use_onednn(model)  # the float Linears left (all of them, unless quantized): oneDNN's matmul
             engine = cls(model, tokenizer_module.load(lora.tokenizer_dir(path)), **kwargs)
         engine.dtype_reason = reason
         if engine.compiled:  # compile the batch-1 decode step now, not on the first request
@@ -435,9 +439,12 @@ class InferenceEngine:
         T = max(map(len, chunks))
         ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=dev)  # (B, T)
         positions = torch.tensor([s.cached for s in seqs], device=dev)[:, None] + torch.arange(T, device=dev)
-        hidden_states = self._decode_states if T == 1 else self.model.hidden_states
-        h = hidden_states(ids, KVBatch.from_tables(self.cache, positions, [s.blocks for s in seqs]))
+        kv = KVBatch.from_tables(self.cache, positions, [s.blocks for s in seqs])
         rows = [b for b in range(len(chunks)) if want[b]]
+        if T == 1:  # decode, one token a row: the blocks and the head in one call (compiled under --compile)
+            logits = self._decode(ids, kv)[:, 0]  # (B, V)
+            return logits[rows].float() if rows else None
+        h = self.model.hidden_states(ids, kv)
         if not rows:
             return None  # mid-prompt chunks only: nothing to sample yet
         last = torch.tensor([len(chunks[b]) - 1 for b in rows], device=dev)

@@ -1,4 +1,4 @@
-"""Weights for decoding: int8 per output channel, int4 per group of 32 inputs, fp32 through oneDNN.
+"""Weights for decoding: int8 per output channel, int4 per group of 32 inputs, float through oneDNN.
 
 Decoding one token reads every weight once, so at small batch it is memory-bound: its speed is
 (memory bandwidth) / (bytes of weights per token). Storing weights in 8 or 4 bits reads 4 or 8x
@@ -23,13 +23,17 @@ kv_b_proj stays in float (the absorbed decode path reads its weight directly). I
 expert's projections are Linears and are quantized; the router (moe.Router) is no Linear and stays
 float: its top-k is a discrete choice that rounding would flip.
 
-Weights left in fp32 (all of them when nothing is quantized) go through oneDNN's matmul on a CPU
+Weights left in float (all of them when nothing is quantized) go through oneDNN's matmul on a CPU
 (`use_onednn`), the same product as F.linear, which is `OneDNNLinear.reference`.
+
+Under torch.compile a one-row product (batch-1 decode) is `gemv` instead, a multiply and a sum that
+inductor fuses into one pass over the weight (int8 and float weights; int4 keeps its kernel); tests
+hold it to the same references.
 
 Left out: activation quantization (W8A8), GPTQ / AWQ calibration, the CUDA int4 layout.
 
     model = quantize(Transformer.from_pretrained(path), "int8")     # in place; returns the model
-    model = use_onednn(Transformer.from_pretrained(path).eval())      # fp32 Linears on oneDNN
+    model = use_onednn(Transformer.from_pretrained(path).eval())      # float Linears on oneDNN
 """
 
 import time
@@ -40,6 +44,32 @@ import torch.nn.functional as F
 
 KINDS = ("int8", "int4")
 GROUP = 32  # int4 group size: inputs sharing one scale and zero
+
+
+# -----------------------------------------------------------------------------
+# One row: the product as a multiply and a sum, for inductor to fuse
+
+# torch.compile options for a model whose products go through gemv: inductor inlines a cheap producer of
+# x (an RMSNorm, SiLU(gate) * up) into the loop of each reduction that reads it, which recomputes it for
+# every output row; a threshold of 1 has it store x once instead.
+COMPILE_OPTIONS = {"realize_acc_reads_threshold": 1}
+
+
+def fused_gemv(x: torch.Tensor) -> bool:
+    """True inside torch.compile when x (..., K) is a single row (batch-1 decode; the compiled graph
+    specializes on it)."""
+    return torch.compiler.is_compiling() and x.numel() == x.shape[-1]
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y_n = sum_k x_k W_nk: x (..., K) one row, W (N, K) in any dtype -> (..., N) fp32.
+
+    Written as an elementwise product and a sum, which inductor compiles to one loop over W: each
+    weight read once and converted in registers, each row's dot product kept in a vector register.
+    A matrix-vector product reads W once and does 2 flops per weight, so that loop runs at memory
+    speed; the library GEMMs, built for many rows, read a one-row product slower on a CPU (README).
+    Eager, this would materialize the (N, K) product: call it only where fused_gemv(x)."""
+    return (x.float().unsqueeze(-2) * w).sum(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -69,7 +99,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N) in x's dtype."""
-        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qweight, self.scales)
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
+        if fused_gemv(x):
+            y = (gemv(x2, self.qweight) * self.scales).to(torch.bfloat16)
+        else:
+            y = torch._weight_int8pack_mm(x2, self.qweight, self.scales)
         return _finish(y, x, self.bias)
 
     def dequantize(self) -> torch.Tensor:
@@ -147,17 +181,19 @@ class Int8Embedding(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# fp32 weights, through oneDNN
+# Float weights, through oneDNN
 
 # torch.compile's CPU backend calls this oneDNN matmul for Linears; eager F.linear in fp32 calls the BLAS
 # library torch was built with, which on some CPUs reads a weight markedly slower at small batch (README,
-# "Fast decoding on a CPU"). bf16 F.linear already runs on oneDNN.
+# "Fast decoding on a CPU"). bf16 F.linear runs on oneDNN already: the module is there for gemv.
 HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+FLOATS = (torch.float32, torch.bfloat16)  # the weights use_onednn takes
 
 
 class OneDNNLinear(nn.Module):
     """y = x W^T (+ b): an nn.Linear's own weight and bias (the same Parameters, so a tied head stays
-    tied and state_dict names do not change), multiplied by oneDNN. Inference only (no autograd)."""
+    tied and state_dict names do not change), multiplied by oneDNN (by gemv for one row under
+    torch.compile). Inference only (no autograd)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -165,23 +201,37 @@ class OneDNNLinear(nn.Module):
         self.out_features, self.in_features = linear.weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # inductor picks its own kernel (its oneDNN lowering wants frozen weights)
-            return F.linear(x, self.weight, self.bias)
+        if fused_gemv(x):
+            y = gemv(x, self.weight).to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        if torch.compiler.is_compiling():  # an opaque call: inductor's own lowering of it wants frozen weights
+            return onednn_linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
+@torch.library.custom_op("astrai::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's matmul as an operator torch.compile calls as it is (x (..., K) -> (..., N))."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 def use_onednn(model):
-    """Every fp32 nn.Linear of an inference model on a CPU (all of them, or those quantize left in
-    float) computed by oneDNN; returns model. A no-op where oneDNN is missing or the model is not
-    fp32 on a CPU."""
+    """Every fp32 / bf16 nn.Linear of an inference model on a CPU (all of them, or those quantize left
+    in float) computed by oneDNN, or by gemv inside torch.compile at one row; returns model. A no-op
+    where oneDNN is missing or the model is not on a CPU."""
     if not HAS_ONEDNN:
         return model
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
+            if type(child) is nn.Linear and child.weight.dtype in FLOATS and child.weight.device.type == "cpu":
                 setattr(parent, name, OneDNNLinear(child))
     return model
 

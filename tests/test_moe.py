@@ -195,6 +195,8 @@ def test_transformers_directory_loads_exports_and_generates_alike(kind, tmp_path
         want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, min_new_tokens=12,
                            do_sample=False, pad_token_id=0)[0, len(p):].tolist()
         assert got == want
+    with pytest.raises(ValueError, match="--compile is not for MoE"):
+        InferenceEngine.from_pretrained(str(tmp_path / "hf"), max_batch_size=4, max_seq_len=64, compile=True)
 
     ours.save_pretrained(str(tmp_path / "ours"))
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == kind

@@ -129,6 +129,24 @@ def test_onednn_linear_equals_f_linear_on_the_same_parameters(bias):
 
 
 @pytest.mark.skipif(not quant.HAS_ONEDNN, reason="this torch has no oneDNN matmul")
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+def test_compiled_one_row_product_is_one_fused_loop_equal_to_the_reference(kind):
+    """Under torch.compile a one-row product is gemv's multiply-and-sum, fused by inductor (no library matmul in
+    the generated code), equal to the layer's reference; more rows keep the library kernel."""
+    from torch._inductor.utils import run_and_get_code
+    lin = linear(96, 64, bias=True)
+    layer = quant.OneDNNLinear(lin) if kind == "fp32" else quant.Int8Linear.from_linear(lin)
+    library = "onednn_linear" if kind == "fp32" else "_weight_int8pack_mm"
+    with torch.inference_mode():
+        for rows in (1, 3):
+            x = torch.randn(rows, 1, 64)
+            torch._dynamo.reset()
+            y, code = run_and_get_code(torch.compile(layer, options=quant.COMPILE_OPTIONS), x)
+            assert (library in "".join(code)) == (rows > 1)
+            torch.testing.assert_close(y, layer.reference(x), atol=2e-2 if kind == "int8" else 1e-5, rtol=1e-2)
+
+
+@pytest.mark.skipif(not quant.HAS_ONEDNN, reason="this torch has no oneDNN matmul")
 def test_use_onednn_keeps_names_ties_and_logits(tmp_path):
     torch.manual_seed(0)
     m = Transformer(dataclasses.replace(PRESETS["tiny"], num_hidden_layers=2)).eval()
@@ -142,8 +160,11 @@ def test_use_onednn_keeps_names_ties_and_logits(tmp_path):
     back = Transformer.from_pretrained(tmp_path)
     for k, v in m.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
-    bf16 = quant.use_onednn(copy.deepcopy(m).to(torch.bfloat16))  # bf16 F.linear is oneDNN's already
-    assert type(bf16.lm_head) is nn.Linear
+    bf16 = copy.deepcopy(m).to(torch.bfloat16)
+    fast16 = quant.use_onednn(copy.deepcopy(bf16))
+    assert type(fast16.lm_head) is quant.OneDNNLinear
+    with torch.inference_mode():
+        assert torch.equal(fast16(ids), bf16(ids))  # bf16 F.linear runs on oneDNN already: the same numbers
 
 
 @pytest.fixture(scope="module")
