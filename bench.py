@@ -234,7 +234,8 @@ def add_engine_args(p):
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64, help="generated per sequence (EOS ignored)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best counts")
-    p.add_argument("--formats", default="float32,bfloat16,int8,int4", help="weight formats of the engine")
+    p.add_argument("--formats", default="float32,bfloat16,int8,int4", type=_formats,
+                   help=f"weight formats of the engine, comma-separated: {','.join(FORMATS)}")
     p.add_argument("--llama-cpp", default=os.environ.get("LLAMA_CPP_DIR"),
                    help="llama.cpp's source folder (its convert_hf_to_gguf.py and gguf-py; e.g. vendor/llama.cpp "
                    "of the llama-cpp-python sdist): with llama-cpp-python installed, llama.cpp decodes the "
@@ -249,6 +250,15 @@ SHAPE_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
 # our format -> (activation dtype, quantize, llama.cpp's nearest format)
 FORMATS = {"float32": ("float32", None, "f32"), "bfloat16": ("bfloat16", None, "bf16"),
            "int8": ("auto", "int8", "q8_0"), "int4": ("auto", "int4", "q4_1")}
+
+
+def _formats(text):
+    """--formats: names of FORMATS, comma-separated."""
+    names = text.split(",")
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+    return names
 
 
 def _engine_model(shape, device):
@@ -394,7 +404,7 @@ def bench_engine(args):
     import torch
     import transformers
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    batches, formats = [int(b) for b in args.batches.split(",")], args.formats.split(",")
+    batches, formats = [int(b) for b in args.batches.split(",")], args.formats
     P, N = args.prompt_len, args.new_tokens
     model, tok = _engine_model(args.shape, device)
     rng, special = random.Random(0), tok.special_ids
