@@ -224,7 +224,7 @@ def build_parser():
                    help="store the weights in 8 or 4 bits (quant.py): a quarter / about a sixth of fp32's bytes, "
                    "and faster decoding on a CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step: faster decoding, "
-                   "about a minute and a half more at startup on 2 cores, as long again at the first batch of 2 or more")
+                   "about 70 s more at startup (135M model, 2 cores), as long again at the first batch of 2 or more")
     p.add_argument("--served-model-name", default=None, help="name in /v1/models (default: the directory name)")
     p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds a client may take over each read of "
                    "its request's body and each write of the response; a stream whose client stops reading is "
