@@ -171,7 +171,7 @@ def _fsync(path: str):
 def _replace_dir(src: str, dst: str):
     """Rename directory src to dst. An existing dst (a step saved again) is first moved aside to a
     .tmp_ name and deleted after: a crash between the two renames leaves dst missing and its old
-    content under that name, which the next save deletes."""
+    content under that name, which the next save deletes (save first points `latest` elsewhere)."""
     if os.path.exists(dst):
         os.rename(dst, src + ".old")
         os.rename(src, dst)
@@ -194,13 +194,19 @@ def _write_latest(run_dir: str, name: str):
     _fsync(run_dir)
 
 
+def _steps(run_dir: str) -> list:
+    """The step_* directories of run_dir (each complete: it gets its name only when fully written), oldest first."""
+    steps = sorted((int(m.group(1)), e) for e in os.listdir(run_dir)
+                   if (m := STEP_DIR.match(e)) and os.path.isdir(os.path.join(run_dir, e)))
+    return [e for _, e in steps]
+
+
 def _prune(run_dir: str, keep_last, keep: str):
     """Delete all but the keep_last highest-numbered step_* directories, never `keep` (what latest names),
     and the .tmp_* leftovers of crashed saves. A checkpoint gets a .tmp_ name before it is deleted, so a
     crash mid-delete never leaves a half-empty step_* directory behind."""
-    steps = sorted((int(m.group(1)), e) for e in os.listdir(run_dir)
-                   if (m := STEP_DIR.match(e)) and os.path.isdir(os.path.join(run_dir, e)))
-    old = [] if keep_last is None else [e for _, e in steps[:max(len(steps) - keep_last, 0)] if e != keep]
+    steps = _steps(run_dir)
+    old = [] if keep_last is None else [e for e in steps[:max(len(steps) - keep_last, 0)] if e != keep]
     for e in old:
         os.rename(os.path.join(run_dir, e), os.path.join(run_dir, f"{TEMP_PREFIX}delete_{e}_{os.getpid()}"))
     for e in os.listdir(run_dir):
@@ -257,7 +263,10 @@ def save(run_dir, step, model, *, optimizer=None, tokenizer=None, info=None, kee
             except BaseException:  # a full disk, a kill signal turned exception: leave nothing half-written
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            _replace_dir(tmp, os.path.join(run_dir, name))
+            dst, others = os.path.join(run_dir, name), [e for e in _steps(run_dir) if e != name]
+            if others and os.path.isdir(dst) and latest(run_dir) == dst:  # saving again the step latest names:
+                _write_latest(run_dir, others[-1])  # a crash mid-swap leaves latest on a complete checkpoint
+            _replace_dir(tmp, dst)
             _fsync(run_dir)
             _write_latest(run_dir, name)
             _prune(run_dir, keep_last, keep=name)
